@@ -1,0 +1,205 @@
+"""``NoDecayMixin``: a LightningModule mixin that builds decay / no-decay param groups.
+
+The mixin is a plain class: it imports no Lightning namespace, so it works with a
+``pytorch_lightning.LightningModule`` and a ``lightning.pytorch.LightningModule`` alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_nodecay._log import log
+from lightning_nodecay.groups import (
+    DecayDecision,
+    MultiplierKey,
+    decide,
+    groups_from_decisions,
+    resolve_multipliers,
+)
+from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
+from lightning_nodecay.safety_net import split_excluded
+from lightning_nodecay.summary import DecaySummary, summarize
+
+#: What LightningCLI injects for an ``optimizer: OptimizerCallable`` argument.
+OptimizerCallable = Callable[[Iterable], Optimizer]
+#: What LightningCLI injects for an ``lr_scheduler: LRSchedulerCallable`` argument.
+LRSchedulerCallable = Callable[[Optimizer], Any]
+
+
+class NoDecayMixin:
+    """Give a LightningModule decay / no-decay param groups, with no hand-written groups.
+
+    Inherit it *before* the LightningModule base. Declare the optimizer as a callable that takes
+    param groups (``functools.partial(torch.optim.AdamW, lr=..., weight_decay=...)``, or
+    LightningCLI's ``OptimizerCallable``) in ``self.optimizer``; the mixin's
+    :meth:`configure_optimizers` passes it the groups of :meth:`configure_param_groups`. The
+    optimizer's own ``weight_decay`` applies to the ``decay`` group; ``no_decay`` gets ``0.0``.
+
+    At fit start (in ``on_fit_start``: call ``super().on_fit_start()`` if you override it) a safety
+    net moves excluded parameters out of any decayed group, whoever built the optimizer, and a
+    summary of the groups is logged on rank zero.
+
+    Attributes:
+        no_decay_module_types: module classes or predicates whose own parameters get no decay.
+        no_decay_param_names: name patterns of parameters that get no decay.
+        weight_decay_multipliers: ``{pattern or module type: multiplier}`` of the base decay.
+        no_decay_strict: raise when a declared name pattern matches no parameter.
+        log_weight_decay_summary: log the group summary at fit start.
+        optimizer: callable ``(param_groups) -> Optimizer``.
+        lr_scheduler: optional callable ``(optimizer) -> LRScheduler``.
+        lr_scheduler_config: Lightning's scheduler options, e.g. ``{"interval": "step"}`` or
+            ``{"monitor": "val_loss"}``.
+
+    Example:
+        >>> import functools, torch
+        >>> import pytorch_lightning as pl
+        >>> from torch import nn
+        >>> class Net(NoDecayMixin, pl.LightningModule):
+        ...     no_decay_param_names = DEFAULT_NO_DECAY_PARAM_NAMES + ("pos_embed",)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.pos_embed = nn.Parameter(torch.zeros(4))
+        ...         self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        ...         self.optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+        >>> optimizer = Net().configure_optimizers()
+        >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups]
+        [('decay', 1, 0.05), ('no_decay', 4, 0.0)]
+    """
+
+    no_decay_module_types: Sequence[ModuleRule] = DEFAULT_NO_DECAY_MODULE_TYPES
+    no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
+    weight_decay_multipliers: Mapping[MultiplierKey, float] | None = None
+    no_decay_strict: bool = True
+    log_weight_decay_summary: bool = True
+    optimizer: OptimizerCallable | None = None
+    lr_scheduler: LRSchedulerCallable | None = None
+    lr_scheduler_config: Mapping[str, Any] = {}
+
+    trainer: Any  # provided by the LightningModule
+
+    def weight_decay_decisions(self) -> list[DecayDecision]:
+        """The multiplier and reason of every trainable parameter, from the declarations."""
+        return decide(
+            self._module,
+            no_decay_module_types=self.no_decay_module_types,
+            no_decay_param_names=self.no_decay_param_names,
+            weight_decay_multipliers=self.weight_decay_multipliers,
+            strict=self.no_decay_strict,
+        )
+
+    def weight_decay_summary(self) -> DecaySummary:
+        """What goes in which group and why, as data (``print()`` it for a table)."""
+        return summarize(self.weight_decay_decisions())
+
+    def configure_param_groups(self) -> list[dict[str, Any]]:
+        """Build the param groups handed to ``self.optimizer``. Override to customise.
+
+        Returns:
+            ``decay`` first, then ``no_decay``, then multiplier groups, each with ``"name"``,
+            ``"params"`` and ``"weight_decay_multiplier"``, as :func:`~lightning_nodecay.param_groups`.
+        """
+        return groups_from_decisions(self.weight_decay_decisions())
+
+    def configure_optimizers(self) -> Any:
+        """Build ``self.optimizer`` (and ``self.lr_scheduler``) on the groups of :meth:`configure_param_groups`.
+
+        Idempotent: Lightning may call it several times (``lr_find``, every ``fit``).
+
+        Returns:
+            The optimizer, or Lightning's ``{"optimizer": ..., "lr_scheduler": {...}}`` dict when
+            ``self.lr_scheduler`` is set.
+        """
+        if self.optimizer is None:
+            raise ValueError(
+                f"`{type(self).__name__}` declares no optimizer for `NoDecayMixin` to build. Set one in"
+                " `__init__`, e.g. `self.optimizer = functools.partial(torch.optim.AdamW, lr=1e-3,"
+                " weight_decay=0.05)`, or take `optimizer: OptimizerCallable` as an `__init__` argument"
+                " and assign it (LightningCLI then fills it from `--model.optimizer`)."
+            )
+        groups = self.configure_param_groups()
+        self._check_groups(groups)
+        optimizer = self.optimizer(groups)
+        self._check_optimizer(optimizer, groups)
+        resolve_multipliers(optimizer.param_groups, optimizer.defaults["weight_decay"])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.lr_scheduler_config}}
+
+    def on_fit_start(self) -> None:
+        """Apply the safety net and log the summary, before any step or optimizer-state restore."""
+        decisions = self.weight_decay_decisions()
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        for optimizer in self.trainer.optimizers:
+            for message in split_excluded(optimizer, decisions, schedulers):
+                log.info(f"NoDecayMixin safety net: {message}.")
+        if self.log_weight_decay_summary and self.trainer.global_rank == 0:
+            log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions)}")
+        parent = getattr(super(), "on_fit_start", None)
+        if parent is not None:
+            parent()
+
+    @property
+    def _module(self) -> nn.Module:
+        if not isinstance(self, nn.Module):
+            raise TypeError(
+                f"`NoDecayMixin` must be mixed into an `nn.Module` such as a LightningModule:"
+                f" `class {type(self).__name__}(NoDecayMixin, pl.LightningModule)`."
+            )
+        return cast(nn.Module, self)
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Every trainable parameter in exactly one group, nothing else in any group."""
+        names = {id(p): name for name, p in self._module.named_parameters() if p.requires_grad}
+        where: dict[int, str] = {}
+        for i, group in enumerate(groups):
+            label = f"`{group.get('name', f'pg{i}')}`"
+            for param in group["params"]:
+                if id(param) not in names:
+                    raise ValueError(
+                        f"`{type(self).__name__}.configure_param_groups()` puts a parameter in group {label}"
+                        " that is frozen or not part of the model; groups must hold exactly the trainable"
+                        " parameters of the module."
+                    )
+                if id(param) in where:
+                    raise ValueError(
+                        f"`{type(self).__name__}.configure_param_groups()` puts parameter"
+                        f" `{names[id(param)]}` in groups {where[id(param)]} and {label}; each parameter"
+                        " must be in exactly one group."
+                    )
+                where[id(param)] = label
+        missing = [name for pid, name in names.items() if pid not in where]
+        if missing:
+            raise ValueError(
+                f"`{type(self).__name__}.configure_param_groups()` leaves out trainable parameter(s)"
+                f" {', '.join(f'`{n}`' for n in missing[:5])}; they would never be trained. Put every"
+                " trainable parameter in a group, or freeze it with `requires_grad_(False)`."
+            )
+
+    def _check_optimizer(self, optimizer: object, groups: list[dict[str, Any]]) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"`{type(self).__name__}.optimizer` must return a `torch.optim.Optimizer` when called with"
+                f" param groups; it returned {type(optimizer).__name__}."
+            )
+        label = type(optimizer).__name__
+        if "weight_decay" not in optimizer.defaults:
+            raise ValueError(
+                f"`{label}` has no `weight_decay` option, so there is nothing for `NoDecayMixin` to"
+                " split. Use an optimizer with weight decay (e.g. `torch.optim.AdamW`), or drop the mixin."
+            )
+        built = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
+        given = [[id(p) for p in g["params"]] for g in groups]
+        if built != given or any(
+            "weight_decay" in g and b["weight_decay"] != g["weight_decay"] for b, g in zip(optimizer.param_groups, groups)
+        ):
+            raise ValueError(
+                f"`{label}` did not keep the {len(groups)} param groups it was given"
+                f" ({', '.join(str(g.get('name')) for g in groups)}); it has {len(optimizer.param_groups)}."
+                " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
+                " accepts param groups, as every `torch.optim` optimizer does."
+            )

@@ -1,0 +1,80 @@
+"""Make exclusions hold however the optimizer was built. Pure PyTorch.
+
+If an optimizer holds an excluded parameter in a group with non-zero weight decay (LightningCLI's
+``--optimizer`` replaced ``configure_optimizers``; a user wrote ``AdamW(self.parameters())``), the
+group is split in place, before any step: the excluded parameters move to a new group that copies
+every hyperparameter of the old one but has ``weight_decay=0.0``. LR schedulers attached to the
+optimizer learn about the new group, so it keeps following the schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch.optim import Optimizer
+
+from lightning_nodecay.groups import NO_DECAY, DecayDecision
+
+#: Attributes of ``torch.optim.lr_scheduler`` schedulers that hold one entry per param group.
+_PER_GROUP_ATTRIBUTES = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+
+
+def split_excluded(optimizer: Optimizer, decisions: Iterable[DecayDecision], schedulers: Iterable[Any] = ()) -> list[str]:
+    """Move excluded parameters out of decayed groups of ``optimizer``, in place.
+
+    Must run before the first step and before optimizer state is loaded.
+
+    Args:
+        optimizer: the optimizer to fix.
+        decisions: the decisions of :func:`~lightning_nodecay.groups.decide` for the model.
+        schedulers: LR schedulers of ``optimizer``; their per-group lists get an entry for each new
+            group.
+
+    Returns:
+        One message per group that was split (empty when nothing had to change).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> net = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
+        >>> split_excluded(optimizer, decide(net))
+        ['AdamW group 0: moved 1 excluded tensor (bias) to new group `no_decay` with weight_decay=0.0']
+        >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups]
+        [('decay', 0.1), ('no_decay', 0.0)]
+    """
+    excluded = {id(d.param): d.name for d in decisions if d.multiplier == 0}
+    messages = []
+    for index, group in enumerate(list(optimizer.param_groups)):
+        if not group.get("weight_decay"):
+            continue
+        moving = [p for p in group["params"] if id(p) in excluded]
+        if not moving:
+            continue
+        names = ", ".join(excluded[id(p)] for p in moving[:4]) + (", ..." if len(moving) > 4 else "")
+        what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{'s' * (len(moving) > 1)} ({names})"
+        if len(moving) == len(group["params"]):
+            group["weight_decay"] = 0.0
+            messages.append(f"{what}: the whole group, set its weight_decay=0.0")
+            continue
+        base = group.get("name") or ("" if len(optimizer.param_groups) == 1 else f"pg{index}")
+        group["name"] = base or "decay"
+        group["params"] = [p for p in group["params"] if id(p) not in excluded]
+        new_group = {**group, "params": moving, "weight_decay": 0.0, "name": f"{base}_{NO_DECAY}" if base else NO_DECAY}
+        optimizer.add_param_group(new_group)
+        _extend_schedulers(optimizer, schedulers, index)
+        messages.append(f"{what} to new group `{new_group['name']}` with weight_decay=0.0")
+    return messages
+
+
+def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:
+    for scheduler in schedulers:
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source)
+        for attribute in _PER_GROUP_ATTRIBUTES:
+            values = getattr(scheduler, attribute, None)
+            if isinstance(values, list) and len(values) == len(optimizer.param_groups) - 1:
+                values.append(values[source])
