@@ -32,7 +32,7 @@ from lightning_nodecay.rules import (
     split_module_rules,
 )
 
-MultiplierKey = Union[str, ModuleRule]
+MultiplierKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias: `|` needs 3.10 types)
 
 DECAY, NO_DECAY = "decay", "no_decay"
 

@@ -195,7 +195,8 @@ class NoDecayMixin:
         built = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
         given = [[id(p) for p in g["params"]] for g in groups]
         if built != given or any(
-            "weight_decay" in g and b["weight_decay"] != g["weight_decay"] for b, g in zip(optimizer.param_groups, groups)
+            "weight_decay" in g and b["weight_decay"] != g["weight_decay"]
+            for b, g in zip(optimizer.param_groups, groups, strict=False)
         ):
             raise ValueError(
                 f"`{label}` did not keep the {len(groups)} param groups it was given"

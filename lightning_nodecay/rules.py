@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Union
 
 from torch import nn
 
 ModulePredicate = Callable[[nn.Module], bool]
-ModuleRule = Union[type[nn.Module], ModulePredicate]
+ModuleRule = Union[type[nn.Module], ModulePredicate]  # noqa: UP007 (a runtime alias)
 
 #: Segments that wrappers insert into parameter names (FSDP1, activation checkpointing,
 #: ``torch.compile``). They are removed before name patterns are matched.
@@ -47,12 +47,12 @@ def norm_by_class_name(module: nn.Module) -> bool:
         >>> norm_by_class_name(LlamaRMSNorm()), norm_by_class_name(Normalize())
         (True, False)
     """
-    return _is_norm_class(type(module))
+    return _is_norm_class_name(type(module).__name__)
 
 
-@lru_cache(maxsize=None)
-def _is_norm_class(cls: type) -> bool:
-    return _NORM_CLASS_NAME.search(cls.__name__) is not None
+@cache
+def _is_norm_class_name(name: str) -> bool:
+    return _NORM_CLASS_NAME.search(name) is not None
 
 
 _TORCH_NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -110,8 +110,7 @@ def check_module_rules(rules: object, argument: str = "no_decay_module_types") -
                 )
         elif isinstance(rule, nn.Module):
             raise TypeError(
-                f"`{argument}[{i}]` is a module instance ({rule!r}); pass its class"
-                f" `{type(rule).__name__}` instead."
+                f"`{argument}[{i}]` is a module instance ({rule!r}); pass its class `{type(rule).__name__}` instead."
             )
         elif not callable(rule):
             raise TypeError(
@@ -125,7 +124,7 @@ def split_module_rules(rules: Sequence[ModuleRule]) -> tuple[tuple[type[nn.Modul
     """Separate module classes (checked with one ``isinstance``) from predicates."""
     types = tuple(r for r in rules if isinstance(r, type))
     predicates = tuple(r for r in rules if not isinstance(r, type))
-    return types, predicates  # type: ignore[return-value]
+    return types, predicates
 
 
 def rule_label(rule: ModuleRule) -> str:

@@ -20,7 +20,9 @@ from lightning_nodecay.groups import NO_DECAY, DecayDecision
 _PER_GROUP_ATTRIBUTES = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
 
 
-def split_excluded(optimizer: Optimizer, decisions: Iterable[DecayDecision], schedulers: Iterable[Any] = ()) -> list[str]:
+def split_excluded(
+    optimizer: Optimizer, decisions: Iterable[DecayDecision], schedulers: Iterable[Any] = ()
+) -> list[str]:
     """Move excluded parameters out of decayed groups of ``optimizer``, in place.
 
     Must run before the first step and before optimizer state is loaded.
@@ -54,7 +56,8 @@ def split_excluded(optimizer: Optimizer, decisions: Iterable[DecayDecision], sch
         if not moving:
             continue
         names = ", ".join(excluded[id(p)] for p in moving[:4]) + (", ..." if len(moving) > 4 else "")
-        what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{'s' * (len(moving) > 1)} ({names})"
+        plural = "s" * (len(moving) > 1)
+        what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{plural} ({names})"
         if len(moving) == len(group["params"]):
             group["weight_decay"] = 0.0
             messages.append(f"{what}: the whole group, set its weight_decay=0.0")

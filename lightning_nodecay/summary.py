@@ -47,7 +47,7 @@ class DecaySummary:
         for i, g in enumerate(self.groups):
             rows.append((str(i), g.name, f"x{g.multiplier:g}", str(g.tensors), _human(g.elements)))
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-        lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         for reason, names in self.reasons.items():
             shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
