@@ -216,13 +216,14 @@ def _declared_names(prefix: str, owner: nn.Module) -> dict[str, str]:
 
 
 def _smallest(*proposals: tuple[float, str] | str | None) -> tuple[float, str]:
-    best: tuple[float, str] = (1.0, "default")
+    """The smallest proposal (a bare string is a declaration, i.e. 0); ``1`` when none matched."""
+    best: tuple[float, str] | None = None
     for proposal in proposals:
         if isinstance(proposal, str):
             proposal = (0.0, proposal)
-        if proposal is not None and proposal[0] < best[0]:
+        if proposal is not None and (best is None or proposal[0] < best[0]):
             best = proposal
-    return best
+    return best or (1.0, "default")
 
 
 def _record(decisions: dict[int, DecayDecision], name: str, param: nn.Parameter, proposal: tuple[float, str]) -> None:
