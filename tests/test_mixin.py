@@ -1,0 +1,303 @@
+import csv
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import BoringModel, NoDecayBoringModel, trainer_kwargs
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.tuner import Tuner
+from torch import nn
+
+from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, NoDecayMixin
+
+
+class ZeroGradModel(NoDecayBoringModel):
+    """Loss with zero gradient: every change of a weight is weight decay alone (an exact oracle)."""
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).sum() * 0.0
+
+
+def test_mixin_groups_reach_the_optimizer(tmp_path):
+    """Test that a fit builds `decay` / `no_decay` groups with the optimizer's decay on `decay` only."""
+    model = NoDecayBoringModel()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(model)
+    groups = trainer.optimizers[0].param_groups
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    assert groups[0]["params"] == [model.layer.weight]
+    assert groups[1]["params"] == [model.layer.bias]
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
+def test_mixin_fit_decays_weights_only(tmp_path, optimizer_class):
+    """Test against the closed form: with zero gradients, weights shrink by (1 - lr*wd)^steps, biases stay."""
+    model = ZeroGradModel()
+    model.optimizer = functools.partial(optimizer_class, lr=0.5, weight_decay=0.2)
+    weight, bias = model.layer.weight.detach().clone(), model.layer.bias.detach().clone()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4)).fit(model)
+    torch.testing.assert_close(model.layer.weight.detach(), weight * (1 - 0.5 * 0.2) ** 4)
+    torch.testing.assert_close(model.layer.bias.detach(), bias)
+
+
+class PReLUNet(NoDecayMixin, pl.LightningModule):
+    """The seed's PReLU CNN, as a LightningModule with the mixin."""
+
+    def __init__(self, optimizer=None):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.PReLU(4), nn.Conv2d(4, 4, 3), nn.PReLU(4), nn.Conv2d(4, 2, 3), nn.Flatten()
+        )
+        self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.002, weight_decay=1e-5)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 1, 7, 7), batch_size=4)
+
+
+def test_mixin_seed_prelu_slopes_not_decayed(tmp_path):
+    """Test that PReLU slopes land in `no_decay` in a real fit of the seed's model."""
+    model = PReLUNet()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    trainer.fit(model)
+    no_decay = trainer.optimizers[0].param_groups[1]
+    assert no_decay["name"] == "no_decay"
+    assert any(p is model.net[1].weight for p in no_decay["params"])
+    assert any(p is model.net[3].weight for p in no_decay["params"])
+
+
+def test_mixin_learning_rate_monitor_keys(tmp_path):
+    """Test that LearningRateMonitor names its keys after our groups."""
+    lr_monitor = LearningRateMonitor()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=CSVLogger(tmp_path), callbacks=[lr_monitor]))
+    trainer.fit(NoDecayBoringModel())
+    assert list(lr_monitor.lrs) == ["lr-AdamW/decay", "lr-AdamW/no_decay"]
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        header = next(csv.reader(f))
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay"} <= set(header)
+
+
+def test_mixin_lr_scheduler_callable(tmp_path):
+    """Test that `self.lr_scheduler` is built on the optimizer and stepped per `lr_scheduler_config`."""
+    model = NoDecayBoringModel()
+    model.lr_scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    model.lr_scheduler_config = {"interval": "step"}
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3))
+    trainer.fit(model)
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [0.01 * 0.5**3] * 2
+
+
+def test_mixin_configure_optimizers_is_idempotent(tmp_path):
+    """Test that `lr_find` and two fits in a row work and build the same groups each time."""
+    model = NoDecayBoringModel()
+    first, second = model.configure_optimizers(), model.configure_optimizers()
+    assert [g["params"] for g in first.param_groups] == [g["params"] for g in second.param_groups]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    Tuner(trainer).lr_find(model, num_training=4, update_attr=False)
+    trainer.fit(model)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(model)
+    assert [g["name"] for g in model.trainer.optimizers[0].param_groups] == ["decay", "no_decay"]
+
+
+def test_mixin_per_instance_declarations(tmp_path):
+    """Test that declarations set on an instance replace the class defaults for that instance only."""
+    model = NoDecayBoringModel()
+    model.no_decay_param_names = (*DEFAULT_NO_DECAY_PARAM_NAMES, "layer.weight")
+    optimizer = model.configure_optimizers()
+    assert [g["name"] for g in optimizer.param_groups] == ["no_decay"]
+    assert [g["name"] for g in NoDecayBoringModel().configure_optimizers().param_groups] == ["decay", "no_decay"]
+
+
+def test_mixin_resolves_multipliers_from_the_optimizer(tmp_path):
+    """Test that a multiplier group gets multiplier x the optimizer's `weight_decay` at build time."""
+
+    class Net(NoDecayBoringModel):
+        weight_decay_multipliers = {"layer.weight": 3.0}  # noqa: RUF012
+
+    optimizer = Net().configure_optimizers()
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        ("no_decay", 0.0),
+        ("decay_x3", pytest.approx(0.3)),
+    ]
+
+
+def test_mixin_without_optimizer_raises_before_training(tmp_path):
+    """Test that a missing optimizer raises a clear error that shows how to declare one."""
+    model = NoDecayBoringModel()
+    model.optimizer = None
+    with pytest.raises(ValueError, match=r"`NoDecayBoringModel` declares no optimizer.*functools.partial"):
+        pl.Trainer(**trainer_kwargs(tmp_path)).fit(model)
+
+
+def test_mixin_optimizer_ignoring_groups_raises(tmp_path):
+    """Test that an optimizer callable that flattens the groups is refused."""
+    model = NoDecayBoringModel()
+    model.optimizer = lambda groups: torch.optim.AdamW([p for g in groups for p in g["params"]], weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"`AdamW` did not keep the 2 param groups it was given \(decay, no_decay\)"):
+        model.configure_optimizers()
+
+
+def test_mixin_optimizer_without_weight_decay_raises(tmp_path):
+    """Test that an optimizer with no `weight_decay` option is refused with the fix."""
+    model = NoDecayBoringModel()
+    model.optimizer = functools.partial(torch.optim.Rprop, lr=0.01)
+    with pytest.raises(ValueError, match=r"`Rprop` has no `weight_decay` option.*`torch.optim.AdamW`"):
+        model.configure_optimizers()
+
+
+def test_mixin_optimizer_returning_non_optimizer_raises():
+    """Test that `self.optimizer` must return an Optimizer."""
+    model = NoDecayBoringModel()
+    model.optimizer = lambda groups: groups
+    with pytest.raises(TypeError, match=r"`NoDecayBoringModel.optimizer` must return a `torch.optim.Optimizer`"):
+        model.configure_optimizers()
+
+
+@pytest.mark.parametrize(
+    ("groups_of", "message"),
+    [
+        (lambda m: [{"params": [m.layer.weight]}], r"leaves out trainable parameter\(s\) `layer.bias`"),
+        (
+            lambda m: [
+                {"name": "a", "params": [m.layer.weight, m.layer.bias]},
+                {"name": "b", "params": [m.layer.bias]},
+            ],
+            r"puts parameter `layer.bias` in groups `a` and `b`",
+        ),
+        (lambda m: [{"params": [*m.parameters(), nn.Parameter(torch.ones(1))]}], "not part of the model"),
+    ],
+)
+def test_mixin_overridden_param_groups_checked(groups_of, message):
+    """Test that an overridden `configure_param_groups` dropping or duplicating a parameter raises."""
+
+    class Net(NoDecayBoringModel):
+        def configure_param_groups(self):
+            return groups_of(self)
+
+    with pytest.raises(ValueError, match=message):
+        Net().configure_optimizers()
+
+
+def test_mixin_requires_a_module():
+    """Test that the mixin used outside an `nn.Module` says how to use it."""
+    with pytest.raises(TypeError, match=r"class Thing\(NoDecayMixin, pl.LightningModule\)"):
+        type("Thing", (NoDecayMixin,), {})().configure_param_groups()
+
+
+class HandWrittenOptimizer(ZeroGradModel):
+    """A mixin user who wrote `AdamW(self.parameters())` anyway, with a scheduler."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=0.2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_mixin_safety_net_splits_hand_written_optimizer(tmp_path, nodecay_log):
+    """Test that excluded parameters are moved out of a decayed group before the first step, with a log line."""
+    model = HandWrittenOptimizer()
+    weight, bias = model.layer.weight.detach().clone(), model.layer.bias.detach().clone()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3))
+    trainer.fit(model)
+    groups = trainer.optimizers[0].param_groups
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.2), ("no_decay", 0.0)]
+    # the new group follows the schedule too
+    assert [g["lr"] for g in groups] == [0.5 * 0.5**3] * 2
+    torch.testing.assert_close(model.layer.bias.detach(), bias)
+    torch.testing.assert_close(
+        model.layer.weight.detach(), weight * (1 - 0.5 * 0.2) * (1 - 0.25 * 0.2) * (1 - 0.125 * 0.2)
+    )
+    split_lines = [r.getMessage() for r in nodecay_log.records if "safety net" in r.getMessage()]
+    assert split_lines == [
+        "NoDecayMixin safety net: SGD group 0: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
+        " with weight_decay=0.0."
+    ]
+
+
+def test_mixin_safety_net_resume(tmp_path):
+    """Test that a run whose groups were split resumes from its checkpoint with matching optimizer state."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint]))
+    trainer.fit(HandWrittenOptimizer())
+    model = HandWrittenOptimizer()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, enable_checkpointing=True))
+    trainer.fit(model, ckpt_path=checkpoint.last_model_path)
+    assert trainer.global_step == 4
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["decay", "no_decay"]
+
+
+def test_mixin_safety_net_leaves_correct_optimizers_alone(tmp_path, nodecay_log):
+    """Test that an optimizer built by the mixin is not touched and no split is logged."""
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(NoDecayBoringModel())
+    assert not [r for r in nodecay_log.records if "safety net" in r.getMessage()]
+    assert len(trainer.optimizers[0].param_groups) == 2
+
+
+def test_mixin_summary_logged_once_at_fit_start(tmp_path, nodecay_log):
+    """Test that the group summary is logged once per fit, and can be switched off."""
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(NoDecayBoringModel())
+    summaries = [r.getMessage() for r in nodecay_log.records if "Weight decay groups" in r.getMessage()]
+    assert len(summaries) == 1
+    assert "decay    | x1    | 1       | 64" in summaries[0]
+    assert "name pattern `bias`: 1 tensor (layer.bias)" in summaries[0]
+    nodecay_log.clear()
+    model = NoDecayBoringModel()
+    model.log_weight_decay_summary = False
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(model)
+    assert not [r for r in nodecay_log.records if "Weight decay groups" in r.getMessage()]
+
+
+def test_mixin_summary_as_data():
+    """Test that the summary is available as data for notebooks and tests."""
+    summary = NoDecayBoringModel().weight_decay_summary()
+    assert [(g.name, g.tensors, g.elements) for g in summary.groups] == [("decay", 1, 64), ("no_decay", 1, 2)]
+    assert summary.reasons == {"name pattern `bias`": ["layer.bias"]}
+
+
+def test_mixin_user_on_fit_start_chain_kept(tmp_path):
+    """Test that the mixin calls the LightningModule's `on_fit_start` chain (user hooks still run)."""
+    calls = []
+
+    class Net(NoDecayBoringModel):
+        def on_fit_start(self):
+            calls.append("user")
+            super().on_fit_start()
+
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(Net())
+    assert calls == ["user"]
+
+
+def test_mixin_with_lightning_namespace(tmp_path):
+    """Test that the same mixin works in a `lightning.pytorch` LightningModule and Trainer."""
+    lightning = pytest.importorskip("lightning")
+
+    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4)
+
+    trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(Net())
+    assert [(g["name"], len(g["params"])) for g in trainer.optimizers[0].param_groups] == [
+        ("decay", 1),
+        ("no_decay", 3),
+    ]
+
+
+def test_boring_model_without_mixin_untouched(tmp_path):
+    """Test the control: a plain LightningModule keeps its single decayed group."""
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(BoringModel())
+    assert len(trainer.optimizers[0].param_groups) == 1
