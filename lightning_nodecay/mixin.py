@@ -7,10 +7,11 @@ The mixin is a plain class: it imports no Lightning namespace, so it works with 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Union, cast
 
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lightning_nodecay._log import log
 from lightning_nodecay.groups import (
@@ -27,7 +28,7 @@ from lightning_nodecay.summary import DecaySummary, summarize
 #: What LightningCLI injects for an ``optimizer: OptimizerCallable`` argument.
 OptimizerCallable = Callable[[Iterable], Optimizer]
 #: What LightningCLI injects for an ``lr_scheduler: LRSchedulerCallable`` argument.
-LRSchedulerCallable = Callable[[Optimizer], Any]
+LRSchedulerCallable = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]  # noqa: UP007 (runtime alias)
 
 
 class NoDecayMixin:

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from helpers import BoringModel
+from pytorch_lightning.cli import LightningCLI
+
+from lightning_nodecay import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
+
+
+class InjectedModel(NoDecayMixin, BoringModel):
+    """The LightningCLI dependency-injection pattern: the optimizer is an `__init__` argument."""
+
+    def __init__(
+        self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None
+    ) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+
+class PlainModel(NoDecayMixin, BoringModel):
+    """A mixin model that leaves the optimizer to the CLI's own `--optimizer` flag."""
+
+    configure_optimizers = BoringModel.configure_optimizers
+
+
+def run_cli(model_class, tmp_path, *args):
+    trainer_args = [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.accelerator=cpu",
+    ]
+    return LightningCLI(model_class, args=["fit", *trainer_args, *args], save_config_callback=None)
+
+
+def test_cli_optimizer_callable_weight_decay_reaches_decay_group_only(tmp_path):
+    """Test that `--model.optimizer.weight_decay` from the command line reaches only the decay group."""
+    cli = run_cli(
+        InjectedModel,
+        tmp_path,
+        "--model.optimizer=AdamW",
+        "--model.optimizer.lr=0.01",
+        "--model.optimizer.weight_decay=0.3",
+    )
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [(g["name"], g["weight_decay"], g["lr"]) for g in groups] == [("decay", 0.3, 0.01), ("no_decay", 0.0, 0.01)]
+
+
+def test_cli_optimizer_callable_with_scheduler(tmp_path):
+    """Test that `--model.lr_scheduler` is built on our groups."""
+    cli = run_cli(
+        InjectedModel,
+        tmp_path,
+        "--model.optimizer=SGD",
+        "--model.optimizer.lr=0.1",
+        "--model.optimizer.weight_decay=0.01",
+        "--model.lr_scheduler=StepLR",
+        "--model.lr_scheduler.step_size=1",
+    )
+    config = cli.trainer.lr_scheduler_configs[0]
+    assert isinstance(config.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert [g["name"] for g in config.scheduler.optimizer.param_groups] == ["decay", "no_decay"]
+
+
+def test_cli_own_optimizer_flag_kept_in_check_by_safety_net(tmp_path, nodecay_log):
+    """Test that the CLI's `--optimizer`, which replaces `configure_optimizers`, still gets the exclusions."""
+    with pytest.warns(UserWarning, match="will be overridden by `LightningCLI.configure_optimizers`"):
+        cli = run_cli(
+            PlainModel,
+            tmp_path,
+            "--optimizer=AdamW",
+            "--optimizer.lr=0.01",
+            "--optimizer.weight_decay=0.3",
+            "--lr_scheduler=ExponentialLR",
+            "--lr_scheduler.gamma=0.5",
+        )
+    optimizer = cli.trainer.optimizers[0]
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("decay", 0.3), ("no_decay", 0.0)]
+    assert optimizer.param_groups[1]["params"] == [cli.model.layer.bias]
+    # ExponentialLR steps per epoch: still at the initial lr in both groups, and it knows about both groups
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [0.01, 0.01]
+    assert any("safety net: AdamW group 0: moved 1 excluded tensor" in r.getMessage() for r in nodecay_log.records)
