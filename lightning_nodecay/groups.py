@@ -24,10 +24,12 @@ from torch import nn
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,
     DEFAULT_NO_DECAY_PARAM_NAMES,
+    WRAPPER_SEGMENTS,
     ModuleRule,
     NamePatterns,
     check_module_rules,
     clean_name,
+    norm_by_class_name,
     rule_label,
     split_module_rules,
 )
@@ -35,9 +37,10 @@ from lightning_nodecay.rules import (
 MultiplierKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias: `|` needs 3.10 types)
 
 DECAY, NO_DECAY = "decay", "no_decay"
+_DEFAULT = (1.0, "default")
 
 
-@dataclass
+@dataclass(slots=True)
 class DecayDecision:
     """How much weight decay one trainable parameter gets, and why.
 
@@ -85,9 +88,23 @@ class _Rules:
         self.types, self.predicates = split_module_rules(check_module_rules(no_decay_module_types))
         self.patterns = NamePatterns(no_decay_param_names)
         self.multiplier_patterns, self.multiplier_modules = _check_multipliers(weight_decay_multipliers)
+        self._pattern_reasons = {p: f"name pattern `{p}`" for p in self.patterns.patterns}
+        # a module's proposal depends on its class alone unless a rule is an arbitrary predicate
+        rules = (*self.predicates, *(rule for rule, _ in self.multiplier_modules))
+        self._by_class: dict[type, tuple[float, str] | None] | None = (
+            {} if all(isinstance(r, type) or r is norm_by_class_name for r in rules) else None
+        )
 
     def module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
         """The smallest multiplier proposed for the parameters owned by ``module``."""
+        if self._by_class is None:
+            return self._module_proposal(module)
+        cls = type(module)
+        if cls not in self._by_class:
+            self._by_class[cls] = self._module_proposal(module)
+        return self._by_class[cls]
+
+    def _module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
         if self.types and isinstance(module, self.types):
             matched = next(t for t in self.types if isinstance(module, t))
             return 0.0, f"module type `{matched.__name__}`"
@@ -102,17 +119,25 @@ class _Rules:
                 best = (multiplier, f"multiplier rule `{rule_label(rule)}`")
         return best
 
-    def name_proposal(self, name: str) -> tuple[float, str] | None:
-        """The smallest multiplier proposed for the parameter called ``name``."""
-        pattern = self.patterns.match(name)
+    def proposal(
+        self, name: str, leaf: str, module_proposal: tuple[float, str] | None, declared: str | None
+    ) -> tuple[float, str]:
+        """The smallest multiplier proposed for parameter ``name`` (own name ``leaf``), and why.
+
+        On a tie the first reason in this order is kept: module, declaration, name pattern. The
+        caller has handled a module proposal of 0 already.
+        """
+        if declared is not None:
+            return 0.0, declared
+        pattern = self.patterns.match(name, leaf)
         if pattern is not None:
-            return 0.0, f"name pattern `{pattern}`"
-        best = None
+            return 0.0, self._pattern_reasons[pattern]
+        best = module_proposal
         for patterns, multiplier in self.multiplier_patterns:
-            hit = patterns.match(name)
+            hit = patterns.match(name, leaf)
             if hit is not None and (best is None or multiplier < best[0]):
                 best = (multiplier, f"multiplier rule `{hit}`")
-        return best
+        return best or _DEFAULT
 
 
 def _check_multipliers(
@@ -165,27 +190,52 @@ def decide(
     rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers)
     decisions: dict[int, DecayDecision] = {}
     declared: dict[str, str] = {}
-    all_names: list[str] = []
+    all_names: list[str] | None = [] if strict and rules.patterns.patterns != DEFAULT_NO_DECAY_PARAM_NAMES else None
     for prefix, owner in _owners(_unwrap(module)):
-        declared.update(_declared_names(prefix, owner))
+        if getattr(type(owner), "no_weight_decay", None) is not None:
+            declared.update(_declared_names(prefix, owner))
+        params = owner._parameters  # what `named_parameters(recurse=False)` reads, without its overhead
+        if not params:
+            continue
         module_proposal = rules.module_proposal(owner)
-        for own_name, param in owner.named_parameters(recurse=False):
-            name = f"{prefix}.{own_name}" if prefix else own_name
-            all_names.append(name)
-            _refuse_flat_parameter(name, param)
+        for own_name, param in params.items():
+            if param is None:
+                continue
+            name = prefix + own_name
+            if all_names is not None:
+                all_names.append(name)
+            if own_name in _FLAT_PARAMETER_NAMES:
+                _refuse_flat_parameter(name)
             if not param.requires_grad:
                 continue
-            proposal = _smallest(module_proposal, rules.name_proposal(name), declared.get(name))
-            _record(decisions, name, param, proposal)
-    if strict:
+            if module_proposal is not None and module_proposal[0] == 0:  # nothing can go lower
+                multiplier, reason = module_proposal
+            else:
+                multiplier, reason = rules.proposal(name, own_name, module_proposal, declared.get(name))
+            key = id(param)
+            seen = decisions.get(key)
+            if seen is None:
+                decisions[key] = DecayDecision(name, param, multiplier, reason)
+            elif multiplier < seen.multiplier:  # a tied parameter: the smallest proposal of all paths wins
+                seen.multiplier, seen.reason = multiplier, f"tied to `{name}`: {reason}"
+    if all_names is not None:
         _check_all_patterns_match(rules.patterns.patterns, all_names)
     return list(decisions.values())
 
 
 def _owners(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every (cleaned name, module) pair, shared modules once per path, parents before children."""
-    for name, owner in root.named_modules(remove_duplicate=False):
-        yield clean_name(name), owner
+    """Every (cleaned name prefix, module) pair, parents before children, shared modules once per path.
+
+    The order is that of ``named_modules()``. A prefix is ``""`` for the root, else the module's
+    name and a dot; wrapper segments are dropped as the walk goes, so no name is split and rejoined.
+    """
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        prefix, owner = stack.pop()
+        yield prefix, owner
+        for name, child in reversed(owner._modules.items()):
+            if child is not None:
+                stack.append((prefix if name in WRAPPER_SEGMENTS else f"{prefix}{name}.", child))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -202,47 +252,27 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _declared_names(prefix: str, owner: nn.Module) -> dict[str, str]:
-    hook = getattr(type(owner), "no_weight_decay", None)
-    if not callable(hook):
-        return {}
+    """``{cleaned qualified name: reason}`` of what ``owner.no_weight_decay()`` declares (timm's convention)."""
     names = owner.no_weight_decay()  # type: ignore[operator]
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(
             f"`{type(owner).__name__}.no_weight_decay()` must return a set of parameter names"
             f" relative to the module, e.g. `{{'pos_embed'}}`; got {names!r}."
         )
-    where = f"`{prefix}.no_weight_decay()`" if prefix else "`no_weight_decay()`"
-    return {clean_name(f"{prefix}.{n}" if prefix else n): f"declared by {where}" for n in names}
+    reason = f"declared by `{prefix}no_weight_decay()`"
+    return {prefix + clean_name(name): reason for name in names}
 
 
-def _smallest(*proposals: tuple[float, str] | str | None) -> tuple[float, str]:
-    """The smallest proposal (a bare string is a declaration, i.e. 0); ``1`` when none matched."""
-    best: tuple[float, str] | None = None
-    for proposal in proposals:
-        if isinstance(proposal, str):
-            proposal = (0.0, proposal)
-        if proposal is not None and (best is None or proposal[0] < best[0]):
-            best = proposal
-    return best or (1.0, "default")
+_FLAT_PARAMETER_NAMES = frozenset({"_flat_param", "flat_param"})
 
 
-def _record(decisions: dict[int, DecayDecision], name: str, param: nn.Parameter, proposal: tuple[float, str]) -> None:
-    multiplier, reason = proposal
-    seen = decisions.get(id(param))
-    if seen is None:
-        decisions[id(param)] = DecayDecision(name, param, multiplier, reason)
-    elif multiplier < seen.multiplier:
-        seen.multiplier, seen.reason = multiplier, f"tied to `{name}`: {reason}"
-
-
-def _refuse_flat_parameter(name: str, param: nn.Parameter) -> None:
-    if type(param).__name__ == "FlatParameter" or name.rpartition(".")[2] in ("_flat_param", "flat_param"):
-        raise ValueError(
-            f"Parameter `{name}` is an FSDP flat parameter that merges many original parameters, so"
-            " it cannot be split into decay and no-decay groups. Wrap with"
-            " `FullyShardedDataParallel(..., use_orig_params=True)` (Lightning:"
-            " `FSDPStrategy(use_orig_params=True)`), or use FSDP2 (`fully_shard`)."
-        )
+def _refuse_flat_parameter(name: str) -> None:
+    raise ValueError(
+        f"Parameter `{name}` is an FSDP flat parameter that merges many original parameters, so"
+        " it cannot be split into decay and no-decay groups. Wrap with"
+        " `FullyShardedDataParallel(..., use_orig_params=True)` (Lightning:"
+        " `FSDPStrategy(use_orig_params=True)`), or use FSDP2 (`fully_shard`)."
+    )
 
 
 def _check_all_patterns_match(patterns: tuple[str, ...], names: list[str]) -> None:

@@ -159,9 +159,12 @@ class NamePatterns:
         self._glob_leaf = [(p, _compile(p)) for p in self.patterns if "." not in p and _is_glob(p)]
         self._qualified = [(p, _compile(p)) for p in self.patterns if "." in p]
 
-    def match(self, name: str) -> str | None:
-        """Return the first pattern matching the cleaned qualified ``name``, or ``None``."""
-        leaf = name.rpartition(".")[2]
+    def match(self, name: str, leaf: str | None = None) -> str | None:
+        """Return the first pattern matching the cleaned qualified ``name``, or ``None``.
+
+        ``leaf``, the parameter's own name, may be given when the caller knows it already.
+        """
+        leaf = leaf or name.rpartition(".")[2]
         hit = self._literal_leaf.get(leaf)
         if hit is not None:
             return hit

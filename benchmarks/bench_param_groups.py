@@ -1,0 +1,81 @@
+"""Time `param_groups` on deep stacks of Linear+LayerNorm blocks with tied weights.
+
+Run: `python benchmarks/bench_param_groups.py`. Prints a table; best of several runs, one thread.
+The reference is timm's `param_groups_weight_decay`, written out below (timm is not a dependency):
+it does far less (an `ndim` rule and a name list, no module types, patterns, declarations, ties
+or wrappers) and is the speed users already accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_nodecay import param_groups
+
+
+def timm_param_groups_weight_decay(model: nn.Module, weight_decay: float = 1e-5, no_weight_decay_list=()):
+    """timm's rule, as in `timm/optim/_param_groups.py`."""
+    no_weight_decay_list = set(no_weight_decay_list)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in no_weight_decay_list:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def stack(tensors: int, width: int = 4) -> nn.Module:
+    """`tensors / 4` blocks of Linear + LayerNorm; every 10th Linear shares its weight with the previous block."""
+    blocks = nn.ModuleList()
+    for i in range(tensors // 4):
+        block = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width))
+        if i % 10 == 9:
+            block[0].weight = blocks[-1][0].weight
+        blocks.append(block)
+    return nn.Sequential(nn.ModuleDict({"blocks": blocks}))
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows, previous = [], None
+    for size in (1_000, 10_000, 40_000):
+        model = stack(size)
+        registered = sum(1 for m in model.modules() for _ in m.parameters(recurse=False))
+        ours = best_time(lambda model=model: param_groups(model), args.repeats)
+        timm = best_time(lambda model=model: timm_param_groups_weight_decay(model), args.repeats)
+        growth = f"{ours / previous:.2f}" if previous else "-"
+        rows.append((f"{registered:,}", f"{ours * 1e3:.1f}", f"{timm * 1e3:.1f}", f"{ours / timm:.2f}", growth))
+        previous = ours
+    header = ("tensors", "param_groups ms", "timm-style ms", "ours / timm", "growth vs previous")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print("(growth 10k -> 40k is for 4x the tensors: linear is 4.0)")
+
+
+if __name__ == "__main__":
+    main()
