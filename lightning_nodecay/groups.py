@@ -106,8 +106,7 @@ class _Rules:
 
     def _module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
         if self.types and isinstance(module, self.types):
-            matched = next(t for t in self.types if isinstance(module, t))
-            return 0.0, f"module type `{matched.__name__}`"
+            return 0.0, f"module type `{type(module).__name__}`"
         for predicate in self.predicates:
             if predicate(module):
                 return 0.0, f"module rule `{rule_label(predicate)}` ({type(module).__name__})"
