@@ -565,7 +565,10 @@ def _coupled_l1(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] |
 
 
 def _decoupled_l2(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:
-    _scaled_add(params, params, masks, -value)
+    if masks is None:
+        torch._foreach_mul_(params, 1 - value)  # AdamW's own formula
+    else:
+        torch._foreach_addcmul_(params, params, masks, value=-value)
 
 
 def _decoupled_l1(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:

@@ -320,6 +320,34 @@ def test_masks_remove_gives_weight_decay_back():
     assert_close(net.w, before * (1 - 0.01 * WD))  # the zero mask no longer applies
 
 
+def test_masks_skip_parameters_without_gradient():
+    """Test that, as in torch.optim, a parameter without a gradient is not decayed."""
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
+    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=net)
+    before = net.w.detach().clone()
+    net.v.grad = torch.ones_like(net.v)
+    optimizer.step()
+    assert torch.equal(net.w, before)
+
+
+def test_masks_load_state_dict_of_unmasked_run_keeps_the_hook():
+    """Test that loading a state_dict saved without masks re-hooks the groups it replaces."""
+    plain, masked = Net(), Net()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.05, weight_decay=0.3)
+    train(plain, optimizer, steps=2)
+    hooked = torch.optim.SGD(masked.parameters(), lr=0.05, weight_decay=WD)
+    handle = apply_weight_decay_masks(hooked, {"w": torch.zeros(4, 6)}, module=masked)
+    hooked.load_state_dict(optimizer.state_dict())
+    group = hooked.param_groups[0]
+    assert (group["weight_decay"], group["hook_weight_decay"], group["weight_decay_mask_share"]) == (
+        0.0,
+        0.3,
+        pytest.approx(24 / 36),
+    )
+    assert torch.equal(handle.masks[masked.w], torch.zeros(4, 6, dtype=torch.float64))
+
+
 class Frozen(Net):
     def __init__(self) -> None:
         super().__init__()
@@ -524,3 +552,45 @@ def test_summary_masks_keyed_by_parameter():
     summary = summarize(decide(net), masks={net.w: torch.tensor([[0.0], [0.0], [0.0], [1.0]])})
     (group,) = summary.groups
     assert (group.mask_share, group.effective_multiplier) == (pytest.approx(24 / 36), pytest.approx((6 + 12) / 36))
+
+
+def test_l1_rules_decide_penalty_and_groups():
+    """Test that L1 rules switch decayed parameters to L1 groups and leave excluded ones excluded."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2))
+    decisions = decide(net, weight_decay_l1=("1.*", nn.LayerNorm), weight_decay_multipliers={"0.weight": 2.0})
+    assert [(d.name, d.multiplier, d.penalty, d.group) for d in decisions] == [
+        ("0.weight", 2.0, "l2", "decay_x2"),
+        ("0.bias", 0.0, "l2", "no_decay"),
+        ("1.weight", 1.0, "l1", "decay_l1"),
+        ("1.bias", 0.0, "l2", "no_decay"),
+        ("2.weight", 0.0, "l2", "no_decay"),
+        ("2.bias", 0.0, "l2", "no_decay"),
+    ]
+    assert decisions[2].reason == "L1 rule `1.*`"
+    groups = param_groups(net, weight_decay_l1=("*",), weight_decay_multipliers={"0.weight": 2.0}, weight_decay=0.1)
+    assert [(g["name"], g.get("weight_decay"), g.get("weight_decay_penalty")) for g in groups] == [
+        ("no_decay", 0.0, None),
+        ("decay_l1", None, "l1"),
+        ("decay_x2_l1", pytest.approx(0.2), "l1"),
+    ]
+
+
+def test_l1_rules_refuse_bad_declarations():
+    """Test that a bare string and an unmatched L1 pattern are refused with the argument's name."""
+    with pytest.raises(TypeError, match=r"`weight_decay_l1` must be a tuple.*Wrap a single rule in a tuple"):
+        decide(Net(), weight_decay_l1="w")
+    with pytest.raises(ValueError, match=r"`weight_decay_l1` pattern `ww` matches no parameter.*Did you mean `w`"):
+        decide(Net(), weight_decay_l1=("ww",))
+
+
+def test_masks_accept_bool_masks():
+    """Test that a bool mask acts as the 0/1 float mask it stands for."""
+    as_float, as_bool = Net(), Net()
+    for net, mask in (
+        (as_float, torch.tensor([[1.0], [0.0], [1.0], [0.0]])),
+        (as_bool, torch.tensor([[True], [False], [True], [False]])),
+    ):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
+        apply_weight_decay_masks(optimizer, {net.w: mask})
+        train(net, optimizer, steps=5)
+    assert torch.equal(as_bool.w, as_float.w)
