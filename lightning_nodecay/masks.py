@@ -343,6 +343,7 @@ def _plan(
         if penalty == "l2" and not any(id(p) in masks for p in group["params"]):
             continue
         style = _style(optimizer, index, declared)
+        names.check_no_excluded(optimizer, index)
         masked = [masks[id(p)] for p in group["params"] if id(p) in masks]
         plain = [p for p in group["params"] if id(p) not in masks]
         batches = [_Batch([p for p, _ in masked], [m for _, m in masked])] if masked else []
@@ -528,6 +529,19 @@ class _Names:
                 " never decayed. Remove the mask, or unfreeze the parameter."
             )
         return param
+
+    def check_no_excluded(self, optimizer: Optimizer, index: int) -> None:
+        """Refuse a hooked group holding an excluded parameter: the hook would decay it."""
+        group = optimizer.param_groups[index]
+        excluded = [p for p in group["params"] if id(p) in self.excluded]
+        if excluded and group.get("weight_decay"):
+            name = self.of(excluded[0])
+            raise ValueError(
+                f"Parameter `{name}` is excluded from weight decay by {self.excluded[id(excluded[0])]} but is"
+                f" in group {_group_label(optimizer, index)} of `{type(optimizer).__name__}`, whose decay the"
+                " mask / L1 hook applies to every parameter. Put it in a group with `weight_decay=0.0`"
+                " (`param_groups(...)` and `NoDecayMixin.configure_param_groups()` do)."
+            )
 
     def check_l1(self, optimizer: Optimizer, placed: Mapping[int, int]) -> None:
         """Refuse an L1-decided parameter sitting in a group that is not an L1 group."""
