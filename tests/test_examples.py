@@ -1,0 +1,49 @@
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name, *args, cwd):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quickstart_prints_summary_and_groups(tmp_path):
+    """Test that the quickstart runs end to end, logs the summary and builds both groups."""
+    result = run_example("quickstart.py", "--quick", cwd=tmp_path)
+    assert "module type `PReLU`: 3 tensors" in result.stderr
+    assert "optimizer groups: [('decay', 4, 0.05), ('no_decay', 11, 0.0)]" in result.stdout
+
+
+def test_cli_example_weight_decay_reaches_decay_group_only(tmp_path):
+    """Test the CLI example: YAML weight decay on `decay` only; a command-line override flows through."""
+    config = str(EXAMPLES / "config.yaml")
+    result = run_example(
+        "cli.py", "fit", f"--config={config}", "--quick", "--model.optimizer.weight_decay=0.2", cwd=tmp_path
+    )
+    assert "AdamW group 'decay': 4 tensors, weight_decay=0.2," in result.stdout
+    assert "AdamW group 'no_decay': 11 tensors, weight_decay=0.0," in result.stdout
+    assert (tmp_path / "runs" / "cli" / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_cli_example_own_optimizer_flag_split_by_safety_net(tmp_path):
+    """Test the CLI example with LightningCLI's `--optimizer`: the safety net restores the split."""
+    config = str(EXAMPLES / "config.yaml")
+    result = run_example(
+        "cli.py",
+        "fit",
+        f"--config={config}",
+        "--quick",
+        "--optimizer=SGD",
+        "--optimizer.lr=0.05",
+        "--optimizer.weight_decay=0.01",
+        cwd=tmp_path,
+    )
+    assert "SGD group 'decay': 4 tensors, weight_decay=0.01," in result.stdout
+    assert "SGD group 'no_decay': 11 tensors, weight_decay=0.0," in result.stdout
+    assert "NoDecayMixin safety net: SGD group 0: moved 11 excluded tensors" in result.stderr
