@@ -10,6 +10,11 @@ module type, name pattern or ``no_weight_decay()`` propose ``0``, ``weight_decay
 propose their value); the **smallest proposal wins**, and a parameter no rule matches gets ``1``.
 A parameter reached through several paths (tied weights, shared modules) is judged on all of them
 the same way, so if one path says no decay, no decay wins.
+
+Two further declarations build on the multiplier and never override it: ``weight_decay_l1`` rules
+switch the penalty of *decayed* parameters from L2 to L1 (same strength: multiplier x base), and a
+per-element mask (:mod:`lightning_nodecay.masks`) scales, element by element, the decay a parameter
+gets; a mask on a parameter with no decay is an error.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 
@@ -35,9 +40,13 @@ from lightning_nodecay.rules import (
 )
 
 MultiplierKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias: `|` needs 3.10 types)
+#: The penalty of a decayed parameter: ``"l2"`` (weight decay) or ``"l1"`` (see :mod:`lightning_nodecay.masks`).
+Penalty = Literal["l2", "l1"]
 
 DECAY, NO_DECAY = "decay", "no_decay"
 _DEFAULT = (1.0, "default")
+#: The param-group key that asks for an L1 penalty instead of L2: ``{"weight_decay_penalty": "l1"}``.
+PENALTY_KEY = "weight_decay_penalty"
 
 
 @dataclass(slots=True)
@@ -49,31 +58,39 @@ class DecayDecision:
         param: the parameter itself.
         multiplier: factor applied to the optimizer's base ``weight_decay`` (0 = no decay).
         reason: the rule that decided, e.g. ``"module type `LayerNorm`"`` or ``"default"``.
+        penalty: ``"l2"`` (weight decay), or ``"l1"`` when a ``weight_decay_l1`` rule matched a
+            decayed parameter.
     """
 
     name: str
     param: nn.Parameter
     multiplier: float
     reason: str
+    penalty: Penalty = "l2"
 
     @property
     def group(self) -> str:
         """The name of the param group this parameter goes to."""
-        return group_name(self.multiplier)
+        return group_name(self.multiplier, self.penalty)
 
 
-def group_name(multiplier: float) -> str:
-    """The stable group name of a multiplier: ``decay`` (1), ``no_decay`` (0), ``decay_x{m}``.
+def group_name(multiplier: float, penalty: Penalty = "l2") -> str:
+    """The stable, unique group name of a multiplier: ``decay`` (1), ``no_decay`` (0), ``decay_x{m}``.
+
+    L1 groups end in ``_l1``. ``m`` is written with up to 6 significant digits, or in full when
+    that would make two different multipliers share a name.
 
     Example:
-        >>> [group_name(m) for m in (1.0, 0.0, 2.0, 0.1)]
-        ['decay', 'no_decay', 'decay_x2', 'decay_x0.1']
+        >>> [group_name(m) for m in (1.0, 0.0, 2.0, 0.1, 0.12345678)]
+        ['decay', 'no_decay', 'decay_x2', 'decay_x0.1', 'decay_x0.12345678']
+        >>> group_name(2.0, "l1")
+        'decay_x2_l1'
     """
-    if multiplier == 1:
-        return DECAY
     if multiplier == 0:
         return NO_DECAY
-    return f"decay_x{multiplier:g}"
+    short = f"{multiplier:g}"
+    name = DECAY if multiplier == 1 else f"decay_x{short if float(short) == multiplier else repr(multiplier)}"
+    return f"{name}_l1" if penalty == "l1" else name
 
 
 class _Rules:
@@ -84,16 +101,32 @@ class _Rules:
         no_decay_module_types: object,
         no_decay_param_names: object,
         weight_decay_multipliers: Mapping[MultiplierKey, float] | None,
+        weight_decay_l1: Iterable[MultiplierKey] = (),
     ) -> None:
         self.types, self.predicates = split_module_rules(check_module_rules(no_decay_module_types))
         self.patterns = NamePatterns(no_decay_param_names)
         self.multiplier_patterns, self.multiplier_modules = _check_multipliers(weight_decay_multipliers)
+        self.l1_patterns, self.l1_modules = _check_l1(weight_decay_l1)
         self._pattern_reasons = {p: f"name pattern `{p}`" for p in self.patterns.patterns}
         # a module's proposal depends on its class alone unless a rule is an arbitrary predicate
         rules = (*self.predicates, *(rule for rule, _ in self.multiplier_modules))
         self._by_class: dict[type, tuple[float, str] | None] | None = (
             {} if all(isinstance(r, type) or r is norm_by_class_name for r in rules) else None
         )
+
+    def user_patterns(self) -> list[tuple[str, str]]:
+        """``(pattern, argument)`` of every user-declared name pattern, for the ``strict`` check."""
+        found = [(p, "no_decay_param_names") for p in self.patterns.patterns if p not in DEFAULT_NO_DECAY_PARAM_NAMES]
+        found += [(p, "weight_decay_multipliers") for rule, _ in self.multiplier_patterns for p in rule.patterns]
+        return found + [(p, "weight_decay_l1") for p in self.l1_patterns.patterns]
+
+    def l1_proposal(self, module: nn.Module, name: str, leaf: str) -> str | None:
+        """The label of the first ``weight_decay_l1`` rule matching the parameter, or ``None``."""
+        for rule in self.l1_modules:
+            if isinstance(module, rule) if isinstance(rule, type) else rule(module):
+                return f"L1 rule `{rule_label(rule)}`"
+        pattern = self.l1_patterns.match(name, leaf)
+        return None if pattern is None else f"L1 rule `{pattern}`"
 
     def module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
         """The smallest multiplier proposed for the parameters owned by ``module``."""
@@ -163,12 +196,24 @@ def _check_multipliers(
     return patterns, modules
 
 
+def _check_l1(rules: Iterable[MultiplierKey]) -> tuple[NamePatterns, tuple[ModuleRule, ...]]:
+    if isinstance(rules, (str, type)) or not isinstance(rules, Iterable):
+        raise TypeError(
+            f"`weight_decay_l1` must be a tuple of name patterns or module types whose parameters get an"
+            f" L1 penalty, e.g. `('head.*', nn.Embedding)`; got {rules!r}. Wrap a single rule in a tuple."
+        )
+    rules = tuple(rules)
+    patterns = NamePatterns([r for r in rules if isinstance(r, str)], "weight_decay_l1")
+    return patterns, check_module_rules([r for r in rules if not isinstance(r, str)], "weight_decay_l1")
+
+
 def decide(
     module: nn.Module,
     *,
     no_decay_module_types: Iterable[ModuleRule] = DEFAULT_NO_DECAY_MODULE_TYPES,
     no_decay_param_names: Iterable[str] = DEFAULT_NO_DECAY_PARAM_NAMES,
     weight_decay_multipliers: Mapping[MultiplierKey, float] | None = None,
+    weight_decay_l1: Iterable[MultiplierKey] = (),
     strict: bool = True,
 ) -> list[DecayDecision]:
     """Decide the weight-decay multiplier of every trainable parameter of ``module``.
@@ -186,10 +231,13 @@ def decide(
         [('0.weight', 1.0, 'default'), ('0.bias', 0.0, 'name pattern `bias`'),
          ('1.weight', 0.0, 'module type `LayerNorm`'), ('1.bias', 0.0, 'module type `LayerNorm`')]
     """
-    rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers)
+    rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers, weight_decay_l1)
     decisions: dict[int, DecayDecision] = {}
+    l1: dict[int, str] = {}
     declared: dict[str, str] = {}
-    all_names: list[str] | None = [] if strict and rules.patterns.patterns != DEFAULT_NO_DECAY_PARAM_NAMES else None
+    user_patterns = rules.user_patterns() if strict else []
+    all_names: list[str] | None = [] if user_patterns else None
+    any_l1 = bool(rules.l1_modules or rules.l1_patterns.patterns)
     for prefix, owner in _owners(_unwrap(module)):
         if getattr(type(owner), "no_weight_decay", None) is not None:
             declared.update(_declared_names(prefix, owner))
@@ -217,9 +265,22 @@ def decide(
                 decisions[key] = DecayDecision(name, param, multiplier, reason)
             elif multiplier < seen.multiplier:  # a tied parameter: the smallest proposal of all paths wins
                 seen.multiplier, seen.reason = multiplier, f"tied to `{name}`: {reason}"
+            if any_l1 and key not in l1:
+                l1_rule = rules.l1_proposal(owner, name, own_name)
+                if l1_rule is not None:
+                    l1[key] = l1_rule
     if all_names is not None:
-        _check_all_patterns_match(rules.patterns.patterns, all_names)
+        _check_all_patterns_match(user_patterns, all_names)
+    for key, l1_rule in l1.items():
+        _use_l1(decisions[key], l1_rule)
     return list(decisions.values())
+
+
+def _use_l1(decision: DecayDecision, rule: str) -> None:
+    """An L1 rule switches a decayed parameter's penalty to L1; excluded parameters stay excluded."""
+    if decision.multiplier > 0:
+        decision.penalty = "l1"
+        decision.reason = rule if decision.reason == "default" else f"{decision.reason}, {rule}"
 
 
 def _owners(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -274,15 +335,14 @@ def _refuse_flat_parameter(name: str) -> None:
     )
 
 
-def _check_all_patterns_match(patterns: tuple[str, ...], names: list[str]) -> None:
-    user_patterns = [p for p in patterns if p not in DEFAULT_NO_DECAY_PARAM_NAMES]
-    for pattern in user_patterns:
-        single = NamePatterns((pattern,))
+def _check_all_patterns_match(patterns: list[tuple[str, str]], names: list[str]) -> None:
+    for pattern, argument in patterns:
+        single = NamePatterns((pattern,), argument)
         if not any(single.match(name) for name in names):
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
             raise ValueError(
-                f"`no_decay_param_names` pattern `{pattern}` matches no parameter of the model.{hint}"
+                f"`{argument}` pattern `{pattern}` matches no parameter of the model.{hint}"
                 " Fix the pattern, or pass `strict=False` (mixin: `no_decay_strict = False`) if the"
                 " parameter is legitimately absent from this model."
             )
@@ -294,6 +354,7 @@ def param_groups(
     no_decay_module_types: Iterable[ModuleRule] = DEFAULT_NO_DECAY_MODULE_TYPES,
     no_decay_param_names: Iterable[str] = DEFAULT_NO_DECAY_PARAM_NAMES,
     weight_decay_multipliers: Mapping[MultiplierKey, float] | None = None,
+    weight_decay_l1: Iterable[MultiplierKey] = (),
     weight_decay: float | None = None,
     strict: bool = True,
 ) -> list[dict[str, Any]]:
@@ -314,16 +375,21 @@ def param_groups(
         no_decay_param_names: name patterns of parameters that get no decay. Replaces the defaults.
         weight_decay_multipliers: ``{pattern or module type: multiplier}`` for decay other than
             0 or 1, e.g. ``{"head.**": 2.0, nn.Embedding: 0.1}``. The smallest proposal wins.
+        weight_decay_l1: name patterns or module rules whose decayed parameters get an L1 penalty
+            (strength: their multiplier x the base ``weight_decay``) instead of L2. Their groups
+            (``decay_l1``, ``decay_x2_l1``, ...) carry ``"weight_decay_penalty": "l1"`` and need
+            :func:`~lightning_nodecay.masks.apply_weight_decay_masks` on the optimizer (the mixin
+            does it); plain ``torch.optim`` ignores that key and would apply L2.
         weight_decay: the optimizer's base ``weight_decay``; needed only to resolve multipliers
             other than 0 and 1 into explicit group values.
         strict: raise if a user-declared name pattern (not a default one) matches no parameter.
 
     Returns:
         Groups in a fixed order, ``decay`` first, then ``no_decay``, then multiplier groups in
-        increasing order; empty groups are left out. Each is a dict with ``"name"``, ``"params"``
-        (in ``named_parameters()`` order) and ``"weight_decay_multiplier"``. ``no_decay`` carries
-        ``"weight_decay": 0.0``; ``decay`` carries no ``weight_decay`` so the optimizer's own value
-        applies.
+        increasing order, then L1 groups in the same order; empty groups are left out. Each is a
+        dict with ``"name"``, ``"params"`` (in ``named_parameters()`` order) and
+        ``"weight_decay_multiplier"``. ``no_decay`` carries ``"weight_decay": 0.0``; ``decay``
+        carries no ``weight_decay`` so the optimizer's own value applies.
 
     Raises:
         TypeError: a rule of the wrong type.
@@ -346,6 +412,7 @@ def param_groups(
         no_decay_module_types=no_decay_module_types,
         no_decay_param_names=no_decay_param_names,
         weight_decay_multipliers=weight_decay_multipliers,
+        weight_decay_l1=weight_decay_l1,
         strict=strict,
     )
     groups = groups_from_decisions(decisions)
@@ -362,20 +429,22 @@ def param_groups(
 
 
 def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, Any]]:
-    """Group decisions by multiplier, in the documented order; multipliers stay unresolved."""
-    by_multiplier: dict[float, list[nn.Parameter]] = {}
+    """Group decisions by multiplier and penalty, in the documented order; multipliers stay unresolved."""
+    by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
     for decision in decisions:
-        by_multiplier.setdefault(decision.multiplier, []).append(decision.param)
-    order = sorted(by_multiplier, key=lambda m: (m != 1, m != 0, m))
+        by_kind.setdefault((decision.multiplier, decision.penalty), []).append(decision.param)
+    order = sorted(by_kind, key=lambda kind: (kind[1] == "l1", kind[0] != 1, kind[0] != 0, kind[0]))
     groups = []
-    for multiplier in order:
+    for multiplier, penalty in order:
         group: dict[str, Any] = {
-            "name": group_name(multiplier),
-            "params": by_multiplier[multiplier],
+            "name": group_name(multiplier, penalty),
+            "params": by_kind[multiplier, penalty],
             "weight_decay_multiplier": multiplier,
         }
         if multiplier == 0:
             group["weight_decay"] = 0.0
+        if penalty == "l1":
+            group[PENALTY_KEY] = "l1"
         groups.append(group)
     return groups
 

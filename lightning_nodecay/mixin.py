@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union, cast
 
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
@@ -21,6 +21,7 @@ from lightning_nodecay.groups import (
     groups_from_decisions,
     resolve_multipliers,
 )
+from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
 from lightning_nodecay.safety_net import split_excluded
 from lightning_nodecay.summary import DecaySummary, summarize
@@ -48,6 +49,10 @@ class NoDecayMixin:
         no_decay_module_types: module classes or predicates whose own parameters get no decay.
         no_decay_param_names: name patterns of parameters that get no decay.
         weight_decay_multipliers: ``{pattern or module type: multiplier}`` of the base decay.
+        weight_decay_l1: patterns or module types whose decayed parameters get an L1 penalty
+            instead of L2 (see :mod:`lightning_nodecay.masks`).
+        weight_decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
+            decay; needed for masks and L1 with optimizers outside ``torch.optim``.
         no_decay_strict: raise when a declared name pattern matches no parameter.
         log_weight_decay_summary: log the group summary at fit start.
         optimizer: callable ``(param_groups) -> Optimizer``.
@@ -74,6 +79,8 @@ class NoDecayMixin:
     no_decay_module_types: Sequence[ModuleRule] = DEFAULT_NO_DECAY_MODULE_TYPES
     no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
     weight_decay_multipliers: Mapping[MultiplierKey, float] | None = None
+    weight_decay_l1: Sequence[MultiplierKey] = ()
+    weight_decay_style: DecayStyle | None = None
     no_decay_strict: bool = True
     log_weight_decay_summary: bool = True
     optimizer: OptimizerCallable | None = None
@@ -89,12 +96,23 @@ class NoDecayMixin:
             no_decay_module_types=self.no_decay_module_types,
             no_decay_param_names=self.no_decay_param_names,
             weight_decay_multipliers=self.weight_decay_multipliers,
+            weight_decay_l1=self.weight_decay_l1,
             strict=self.no_decay_strict,
         )
 
+    def weight_decay_masks(self) -> dict[str, Tensor]:
+        """Per-element weight-decay multipliers, ``{parameter name: tensor}``. Override to declare masks.
+
+        Names are those of :meth:`weight_decay_decisions`. A mask scales the decay of its
+        parameter element by element (same shape, or broadcastable such as one value per output
+        row); see :func:`~lightning_nodecay.masks.apply_weight_decay_masks`. Called when the
+        optimizer is built; a resumed checkpoint's masks replace the returned ones.
+        """
+        return {}
+
     def weight_decay_summary(self) -> DecaySummary:
         """What goes in which group and why, as data (``print()`` it for a table)."""
-        return summarize(self.weight_decay_decisions())
+        return summarize(self.weight_decay_decisions(), self.weight_decay_masks())
 
     def configure_param_groups(self) -> list[dict[str, Any]]:
         """Build the param groups handed to ``self.optimizer``. Override to customise.
@@ -126,6 +144,7 @@ class NoDecayMixin:
         optimizer = self.optimizer(groups)
         self._check_optimizer(optimizer, groups)
         resolve_multipliers(optimizer.param_groups, optimizer.defaults["weight_decay"])
+        self._hook_weight_decay(optimizer)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
@@ -135,14 +154,27 @@ class NoDecayMixin:
         """Apply the safety net and log the summary, before any step or optimizer-state restore."""
         decisions = self.weight_decay_decisions()
         schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
-        for optimizer in self.trainer.optimizers:
+        optimizers = self.trainer.optimizers
+        for optimizer in optimizers:
             for message in split_excluded(optimizer, decisions, schedulers):
                 log.info(f"NoDecayMixin safety net: {message}.")
+        if not any(attached_masks(optimizer) for optimizer in optimizers):  # built elsewhere
+            for optimizer in optimizers:
+                self._hook_weight_decay(optimizer)
         if self.log_weight_decay_summary and self.trainer.global_rank == 0:
-            log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions)}")
+            masks = {p: m for o in optimizers if (h := attached_masks(o)) for p, m in h.masks.items()}
+            log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
         parent = getattr(super(), "on_fit_start", None)
         if parent is not None:
             parent()
+
+    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
+        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
+        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
+        if needs_weight_decay_hook(optimizer, masks, decisions):
+            apply_weight_decay_masks(
+                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
+            )
 
     @property
     def _module(self) -> nn.Module:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_nodecay.groups import DecayDecision, groups_from_decisions
+from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, groups_from_decisions
+from lightning_nodecay.masks import Masks
 
 _SHOWN_NAMES = 4
 
@@ -21,12 +22,18 @@ class GroupSummary:
         multiplier: factor of the optimizer's base ``weight_decay``.
         tensors: number of parameter tensors.
         elements: number of scalar weights (full size, also for DeepSpeed ZeRO-3 parameters).
+        penalty: ``"l2"`` or ``"l1"``.
+        mask_share: share of the elements that belong to parameters with a per-element mask.
+        effective_multiplier: element-weighted mean multiplier of the group, masks included.
     """
 
     name: str
     multiplier: float
     tensors: int
     elements: int
+    penalty: str = "l2"
+    mask_share: float = 0.0
+    effective_multiplier: float | None = None
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,15 @@ class DecaySummary:
 
     def __str__(self) -> str:
         """Render as a table, like Lightning's ``ModelSummary``."""
-        rows = [("", "Group", "Decay", "Tensors", "Elements")]
+        masked = any(g.mask_share for g in self.groups)
+        rows = [("", "Group", "Decay", "Tensors", "Elements") + (("Masked",) if masked else ())]
         for i, g in enumerate(self.groups):
-            rows.append((str(i), g.name, f"x{g.multiplier:g}", str(g.tensors), _human(g.elements)))
+            decay = f"x{g.multiplier:g}" if g.effective_multiplier is None else f"x{g.effective_multiplier:.3g}"
+            decay += " L1" if g.penalty == "l1" else ""
+            share = (f"{g.mask_share:.0%}" if g.mask_share else "",) if masked else ()
+            rows.append((str(i), g.name, decay, str(g.tensors), _human(g.elements), *share))
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-        lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(" |") for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         for reason, names in self.reasons.items():
             shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
@@ -55,8 +66,14 @@ class DecaySummary:
         return "\n".join(lines)
 
 
-def summarize(decisions: Iterable[DecayDecision]) -> DecaySummary:
+def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) -> DecaySummary:
     """Summarize decisions made by :func:`~lightning_nodecay.groups.decide`.
+
+    Args:
+        decisions: the decisions.
+        masks: per-element masks, ``{parameter name or parameter: mask}``; they add a ``Masked``
+            column (share of the group's elements under a mask) and make ``Decay`` the group's
+            element-weighted mean multiplier.
 
     Example:
         >>> from torch import nn
@@ -68,17 +85,52 @@ def summarize(decisions: Iterable[DecayDecision]) -> DecaySummary:
         1 | no_decay | x0    | 3       | 12
         name pattern `bias`: 1 tensor (0.bias)
         module type `LayerNorm`: 2 tensors (1.weight, 1.bias)
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> print(summarize(decide(net), masks={"1.weight": torch.tensor([[1.0], [1.0], [0.0], [0.0]])}))
+          | Group    | Decay | Tensors | Elements | Masked
+        --------------------------------------------------
+        0 | decay    | x0.75 | 2       | 32       | 50%
+        1 | no_decay | x0    | 2       | 8
+        name pattern `bias`: 2 tensors (0.bias, 1.bias)
+        per-element mask: 1 tensor (1.weight)
     """
     decisions = list(decisions)
-    groups = [
-        GroupSummary(g["name"], g["weight_decay_multiplier"], len(g["params"]), sum(_numel(p) for p in g["params"]))
-        for g in groups_from_decisions(decisions)
-    ]
+    by_param = {id(d.param): d for d in decisions}
+    by_name = {d.name: d for d in decisions}
+    mask_means: dict[int, float] = {}
+    items: Iterable[tuple[object, Tensor]] = (masks or {}).items()
+    for key, mask in items:
+        decision = by_name.get(key) if isinstance(key, str) else by_param.get(id(key))
+        if decision is not None:
+            mask_means[id(decision.param)] = float(mask.double().mean())
+    groups = [_group_summary(g, mask_means) for g in groups_from_decisions(decisions)]
     reasons: dict[str, list[str]] = {}
     for d in decisions:
         if d.reason != "default":
             reasons.setdefault(d.reason, []).append(d.name)
+    for d in decisions:
+        if id(d.param) in mask_means:
+            reasons.setdefault("per-element mask", []).append(d.name)
     return DecaySummary(groups, reasons)
+
+
+def _group_summary(group: Mapping, mask_means: Mapping[int, float]) -> GroupSummary:
+    sizes = [_numel(p) for p in group["params"]]
+    elements, multiplier = sum(sizes), group["weight_decay_multiplier"]
+    masked = sum(n for p, n in zip(group["params"], sizes, strict=True) if id(p) in mask_means)
+    if not masked:
+        return GroupSummary(group["name"], multiplier, len(sizes), elements, group.get(PENALTY_KEY, "l2"))
+    weighted = sum(n * mask_means.get(id(p), 1.0) for p, n in zip(group["params"], sizes, strict=True))
+    return GroupSummary(
+        group["name"],
+        multiplier,
+        len(sizes),
+        elements,
+        group.get(PENALTY_KEY, "l2"),
+        mask_share=masked / elements,
+        effective_multiplier=multiplier * weighted / elements,
+    )
 
 
 def _numel(param: nn.Parameter) -> int:
