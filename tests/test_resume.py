@@ -65,7 +65,9 @@ def fit(tmp_path, model, max_steps, ckpt_path=None, callbacks=()):
     """Fit; a run that does not resume saves a checkpoint after every epoch (= step)."""
     if ckpt_path is None:
         callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1), *callbacks]
-    kwargs = trainer_kwargs(tmp_path, max_steps=max_steps, enable_checkpointing=True, callbacks=list(callbacks))
+    kwargs = trainer_kwargs(
+        tmp_path, max_steps=max_steps, enable_checkpointing=ckpt_path is None, callbacks=list(callbacks)
+    )
     trainer = pl.Trainer(**kwargs)
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
