@@ -1,10 +1,8 @@
 """Weight decay on the parameters that should have it, and not on the others, for PyTorch Lightning."""
 
-from lightning_nodecay.finetuning import (
-    NoDecayBackboneFinetuning,
-    NoDecayFinetuning,
-    unfreeze_and_add_param_groups,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_nodecay.groups import DecayDecision, decide, group_name, param_groups
 from lightning_nodecay.layout import (
     GroupLayout,
@@ -27,7 +25,29 @@ from lightning_nodecay.rules import (
 from lightning_nodecay.safety_net import split_excluded
 from lightning_nodecay.summary import DecaySummary, GroupSummary, summarize
 
+if TYPE_CHECKING:
+    from lightning_nodecay.finetuning import (
+        NoDecayBackboneFinetuning,
+        NoDecayFinetuning,
+        unfreeze_and_add_param_groups,
+    )
+
 __version__ = "0.1.0"
+
+#: Names whose modules import Lightning, loaded on first use so the pure-PyTorch core imports fast
+#: (``from lightning_nodecay import param_groups`` needs only torch).
+_LIGHTNING_GLUE = {
+    "NoDecayBackboneFinetuning": "lightning_nodecay.finetuning",
+    "NoDecayFinetuning": "lightning_nodecay.finetuning",
+    "unfreeze_and_add_param_groups": "lightning_nodecay.finetuning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_GLUE:
+        return getattr(importlib.import_module(_LIGHTNING_GLUE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_NO_DECAY_MODULE_TYPES",

@@ -169,7 +169,7 @@ def decide(
     for prefix, owner in _owners(_unwrap(module)):
         declared.update(_declared_names(prefix, owner))
         module_proposal = rules.module_proposal(owner)
-        for own_name, param in owner.named_parameters(recurse=False):
+        for own_name, param in owner.named_parameters(recurse=False, remove_duplicate=False):
             name = f"{prefix}.{own_name}" if prefix else own_name
             all_names.append(name)
             _refuse_flat_parameter(name, param)
