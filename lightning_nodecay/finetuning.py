@@ -232,6 +232,16 @@ class NoDecayBackboneFinetuning(NoDecayFinetuning, *bases("callbacks.BackboneFin
         >>> callback = NoDecayBackboneFinetuning(unfreeze_backbone_at_epoch=5, train_bn=True)
     """
 
+    def freeze_before_training(self, pl_module: Any) -> None:
+        """Freeze ``pl_module.backbone``, refusing a LightningModule without one."""
+        if not isinstance(getattr(pl_module, "backbone", None), nn.Module):
+            raise ValueError(
+                f"`{type(self).__name__}` freezes and later unfreezes `pl_module.backbone`, but"
+                f" `{type(pl_module).__name__}` has no `backbone` module. Assign the part to fine-tune to"
+                " `self.backbone`, or subclass `NoDecayFinetuning` to choose the modules."
+            )
+        super().freeze_before_training(pl_module)
+
     def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
         """Unfreeze or schedule the backbone as ``BackboneFinetuning``, on every backbone group."""
         super().finetune_function(pl_module, epoch, optimizer)
