@@ -68,7 +68,7 @@ class NoDecayMixin:
     Example:
         >>> import functools, torch
         >>> import pytorch_lightning as pl
-        >>> from torch import Tensor, nn
+        >>> from torch import nn
         >>> class Net(NoDecayMixin, pl.LightningModule):
         ...     no_decay_param_names = DEFAULT_NO_DECAY_PARAM_NAMES + ("pos_embed",)
         ...     def __init__(self):
