@@ -265,3 +265,37 @@ def test_resume_load_from_checkpoint_for_inference_is_quiet(tmp_path, recwarn):
     model = ResumeModel.load_from_checkpoint(tmp_path / "a" / "epoch=1-step=2.ckpt")
     assert not [w for w in recwarn if "param-group layout" in str(w.message)]
     assert "_nodecay_checkpoint" not in model.__dict__
+
+
+def test_resume_remap_with_lightning_namespace(tmp_path, nodecay_log):
+    """Test that the layout check and remap work the same with a `lightning.pytorch` Trainer and module."""
+    lightning = pytest.importorskip("lightning")
+
+    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
+        def __init__(self, **declarations):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+            for name, value in declarations.items():
+                setattr(self, name, value)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def train_dataloader(self):
+            return DataLoader(torch.randn(4, 4), batch_size=4)
+
+    saving = Net()
+    checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    kwargs = trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    saving_trainer = lightning.pytorch.Trainer(**kwargs)
+    saving_trainer.fit(saving)
+    saved = state_by_name(saving_trainer.optimizers[0], saving)
+    resumed = Net(no_decay_param_names=(*DEFAULT_NO_DECAY_PARAM_NAMES, "layer.0.weight"))
+    probe = StateAtTrainStart()
+    trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[probe]))
+    trainer.fit(resumed, ckpt_path=checkpoint.last_model_path)
+    assert_same_state(probe.state, saved)
+    [line] = resume_lines(nodecay_log)
+    assert "groups `decay`, `no_decay` -> `no_decay`" in line
