@@ -1,6 +1,19 @@
 """Weight decay on the parameters that should have it, and not on the others, for PyTorch Lightning."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_nodecay.groups import DecayDecision, decide, group_name, param_groups
+from lightning_nodecay.layout import (
+    GroupLayout,
+    Layout,
+    LayoutDiff,
+    LayoutMismatchError,
+    compare_layouts,
+    layout_of,
+    remap_optimizer_state,
+    remap_scheduler_state,
+)
 from lightning_nodecay.masks import DecayStyle, WeightDecayMasks, apply_weight_decay_masks, attached_masks
 from lightning_nodecay.mixin import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
 from lightning_nodecay.rules import (
@@ -13,7 +26,29 @@ from lightning_nodecay.rules import (
 from lightning_nodecay.safety_net import split_excluded
 from lightning_nodecay.summary import DecaySummary, GroupSummary, summarize
 
+if TYPE_CHECKING:
+    from lightning_nodecay.finetuning import (
+        NoDecayBackboneFinetuning,
+        NoDecayFinetuning,
+        unfreeze_and_add_param_groups,
+    )
+
 __version__ = "0.1.0"
+
+#: Names whose modules import Lightning, loaded on first use so the pure-PyTorch core imports fast
+#: (``from lightning_nodecay import param_groups`` needs only torch).
+_LIGHTNING_GLUE = {
+    "NoDecayBackboneFinetuning": "lightning_nodecay.finetuning",
+    "NoDecayFinetuning": "lightning_nodecay.finetuning",
+    "unfreeze_and_add_param_groups": "lightning_nodecay.finetuning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_GLUE:
+        return getattr(importlib.import_module(_LIGHTNING_GLUE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_NO_DECAY_MODULE_TYPES",
@@ -21,19 +56,30 @@ __all__ = [
     "DecayDecision",
     "DecayStyle",
     "DecaySummary",
+    "GroupLayout",
     "GroupSummary",
     "LRSchedulerCallable",
+    "Layout",
+    "LayoutDiff",
+    "LayoutMismatchError",
     "NamePatterns",
+    "NoDecayBackboneFinetuning",
+    "NoDecayFinetuning",
     "NoDecayMixin",
     "OptimizerCallable",
     "WeightDecayMasks",
     "apply_weight_decay_masks",
     "attached_masks",
     "clean_name",
+    "compare_layouts",
     "decide",
     "group_name",
+    "layout_of",
     "norm_by_class_name",
     "param_groups",
+    "remap_optimizer_state",
+    "remap_scheduler_state",
     "split_excluded",
     "summarize",
+    "unfreeze_and_add_param_groups",
 ]

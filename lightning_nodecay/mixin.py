@@ -21,6 +21,7 @@ from lightning_nodecay.groups import (
     groups_from_decisions,
     resolve_multipliers,
 )
+from lightning_nodecay.layout import LayoutPolicy, layout_of, misplaced_exclusions, resume_layouts, save_layouts
 from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
 from lightning_nodecay.safety_net import split_excluded
@@ -45,6 +46,14 @@ class NoDecayMixin:
     net moves excluded parameters out of any decayed group, whoever built the optimizer, and a
     summary of the groups is logged on rank zero.
 
+    Checkpoints record the param-group layout of every optimizer (group names and parameter names).
+    On resume the layout is compared with the optimizer's, after the safety net; if it changed, the
+    saved optimizer state is moved to the current groups by parameter name and every move is
+    logged (``on_layout_change = "remap"``, the default), or the resume is refused with a list of the
+    differences (``on_layout_change = "error"``). Remap is the default because it gives each
+    parameter exactly the state it would have had, which is what a changed exclusion or an upgrade
+    needs; choose ``"error"`` to make any change of the groups a deliberate decision.
+
     Attributes:
         no_decay_module_types: module classes or predicates whose own parameters get no decay.
         no_decay_param_names: name patterns of parameters that get no decay.
@@ -59,6 +68,8 @@ class NoDecayMixin:
         lr_scheduler: optional callable ``(optimizer) -> LRScheduler``.
         lr_scheduler_config: Lightning's scheduler options, e.g. ``{"interval": "step"}`` or
             ``{"monitor": "val_loss"}``.
+        on_layout_change: what to do when resuming with param groups that differ from the
+            checkpoint's: ``"remap"`` the optimizer state by parameter name, or raise (``"error"``).
 
     Example:
         >>> import functools, torch
@@ -86,6 +97,7 @@ class NoDecayMixin:
     optimizer: OptimizerCallable | None = None
     lr_scheduler: LRSchedulerCallable | None = None
     lr_scheduler_config: Mapping[str, Any] = {}
+    on_layout_change: LayoutPolicy = "remap"
 
     trainer: Any  # provided by the LightningModule
 
@@ -139,7 +151,7 @@ class NoDecayMixin:
                 " weight_decay=0.05)`, or take `optimizer: OptimizerCallable` as an `__init__` argument"
                 " and assign it (LightningCLI then fills it from `--model.optimizer`)."
             )
-        groups = self.configure_param_groups()
+        groups = _materialize(self.configure_param_groups())
         self._check_groups(groups)
         optimizer = self.optimizer(groups)
         self._check_optimizer(optimizer, groups)
@@ -151,17 +163,24 @@ class NoDecayMixin:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.lr_scheduler_config}}
 
     def on_fit_start(self) -> None:
-        """Apply the safety net and log the summary, before any step or optimizer-state restore."""
+        """Apply the safety net, check a resumed layout and log the summary, before any step or state restore."""
+        trainer = self.trainer
+        for optimizer in trainer.optimizers:
+            layout_of(optimizer.param_groups, self._module)  # refuses parameters given twice
         decisions = self.weight_decay_decisions()
-        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
-        optimizers = self.trainer.optimizers
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        optimizers = trainer.optimizers
         for optimizer in optimizers:
             for message in split_excluded(optimizer, decisions, schedulers):
                 log.info(f"NoDecayMixin safety net: {message}.")
         if not any(attached_masks(optimizer) for optimizer in optimizers):  # built elsewhere
             for optimizer in optimizers:
                 self._hook_weight_decay(optimizer)
-        if self.log_weight_decay_summary and self.trainer.global_rank == 0:
+        checkpoint = self.__dict__.pop("_nodecay_checkpoint", None)
+        if checkpoint is not None:
+            self._resume_layouts(checkpoint)
+        self._nodecay_group_counts = [len(o.param_groups) for o in optimizers]
+        if self.log_weight_decay_summary and trainer.global_rank == 0:
             masks = {p: m for o in optimizers if (h := attached_masks(o)) for p, m in h.masks.items()}
             log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
         parent = getattr(super(), "on_fit_start", None)
@@ -175,6 +194,64 @@ class NoDecayMixin:
             apply_weight_decay_masks(
                 optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
             )
+
+    def on_train_epoch_start(self) -> None:
+        """Refuse excluded parameters that a callback put in a decayed group since fit start."""
+        counts = [len(o.param_groups) for o in self.trainer.optimizers]
+        if counts != getattr(self, "_nodecay_group_counts", None):
+            self._nodecay_group_counts = counts
+            decisions = self.weight_decay_decisions()
+            for optimizer in self.trainer.optimizers:
+                misplaced = misplaced_exclusions(optimizer.param_groups, decisions)
+                if misplaced:
+                    raise ValueError(
+                        f"Parameters excluded from weight decay ({', '.join(f'`{n}`' for n in misplaced[:4])}"
+                        f"{', ...' if len(misplaced) > 4 else ''}) were added to a decayed param group of"
+                        f" `{type(optimizer).__name__}` after fit start, most likely by Lightning's"
+                        " `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`), which gives"
+                        " new groups the optimizer's weight decay. Use `lightning_nodecay.NoDecayBackboneFinetuning`,"
+                        " subclass `lightning_nodecay.NoDecayFinetuning`, or call"
+                        " `lightning_nodecay.unfreeze_and_add_param_groups` in your `finetune_function`."
+                    )
+        parent = getattr(super(), "on_train_epoch_start", None)
+        if parent is not None:
+            parent()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the param-group layout of every optimizer in the checkpoint."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.optimizers:
+            save_layouts(checkpoint, trainer.optimizers, self._module)
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's layout once the optimizers exist (now, or in :meth:`on_fit_start`)."""
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        if trainer.strategy.restore_checkpoint_after_setup:  # the optimizers exist already
+            self._resume_layouts(checkpoint)
+        else:  # Lightning restores the optimizer state from this same dict after `on_fit_start`
+            self._nodecay_checkpoint = checkpoint
+
+    def _resume_layouts(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.trainer
+        messages = resume_layouts(
+            checkpoint,
+            trainer.optimizers,
+            self._module,
+            [config.scheduler for config in trainer.lr_scheduler_configs],
+            on_layout_change=self.on_layout_change,
+            restorable=trainer.strategy.lightning_restore_optimizer,
+        )
+        if trainer.global_rank == 0:
+            for message in messages:
+                log.warning(f"NoDecayMixin resume: {message}")
 
     @property
     def _module(self) -> nn.Module:
@@ -212,6 +289,12 @@ class NoDecayMixin:
                 f" {', '.join(f'`{n}`' for n in missing[:5])}; they would never be trained. Put every"
                 " trainable parameter in a group, or freeze it with `requires_grad_(False)`."
             )
+        if not groups:
+            raise ValueError(
+                f"`{type(self).__name__}` has no trainable parameters, so there is nothing to optimize: every"
+                " parameter has `requires_grad=False`. Unfreeze at least one module before `fit`, or let a"
+                " fine-tuning callback freeze in `freeze_before_training` only what it unfreezes later."
+            )
 
     def _check_optimizer(self, optimizer: object, groups: list[dict[str, Any]]) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -237,3 +320,13 @@ class NoDecayMixin:
                 " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
                 " accepts param groups, as every `torch.optim` optimizer does."
             )
+
+
+def _materialize(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups with ``params`` as lists (a generator would be used up by the checks) and no empty group.
+
+    Empty groups never reach the optimizer: DeepSpeed ZeRO-1/2 crash on them and ZeRO-3 drops them,
+    misaligning LR schedulers.
+    """
+    listed = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in groups]
+    return [g for g in listed if g["params"]]
