@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 class DigitsDataModule(pl.LightningDataModule):
     """The digits, scaled to [0, 1], split 1,400 train / 397 validation with a fixed seed."""
 
-    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, seed: int = 0, classes: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.classes = batch_size, seed, classes
 
     def setup(self, stage: str) -> None:
         digits = load_digits()
@@ -26,6 +26,9 @@ class DigitsDataModule(pl.LightningDataModule):
         y = torch.tensor(digits.target)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         train, val = order[:1400], order[1400:]
+        if self.classes is not None:  # keep only these digits
+            keep = torch.isin(y, torch.tensor(self.classes))
+            train, val = train[keep[train]], val[keep[val]]
         self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
@@ -36,8 +39,8 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=512)
 
 
-def prelu_cnn(width: int = 16) -> nn.Sequential:
-    """Conv / BatchNorm / channel-wise PReLU blocks and a linear head, like the seed's `nn.Sequential`."""
+def prelu_backbone(width: int = 16) -> nn.Sequential:
+    """Conv / BatchNorm / channel-wise PReLU blocks, like the seed's `nn.Sequential`: 8x8 image -> 8*width features."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1),
         nn.BatchNorm2d(width),
@@ -47,22 +50,25 @@ def prelu_cnn(width: int = 16) -> nn.Sequential:
         nn.PReLU(2 * width),
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(8 * width, 64),
-        nn.PReLU(64),
-        nn.Linear(64, 10),
     )
 
 
+def prelu_head(features: int = 128, classes: int = 10) -> nn.Sequential:
+    """Linear / PReLU / linear classifier head."""
+    return nn.Sequential(nn.Linear(features, 64), nn.PReLU(64), nn.Linear(64, classes))
+
+
 class DigitsClassifier(pl.LightningModule):
-    """Cross-entropy training and `torchmetrics` validation accuracy for a digits network."""
+    """A PReLU CNN (`backbone` + `head`) with cross-entropy and `torchmetrics` validation accuracy."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = prelu_cnn()
+        self.backbone = prelu_backbone()
+        self.head = prelu_head()
         self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.head(self.backbone(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -77,4 +83,4 @@ class DigitsClassifier(pl.LightningModule):
 
     def prelu_slopes(self) -> torch.Tensor:
         """All PReLU slopes of the network, flattened."""
-        return torch.cat([m.weight.detach().flatten() for m in self.net if isinstance(m, nn.PReLU)])
+        return torch.cat([m.weight.detach().flatten() for m in self.modules() if isinstance(m, nn.PReLU)])

@@ -47,3 +47,14 @@ def test_cli_example_own_optimizer_flag_split_by_safety_net(tmp_path):
     assert "SGD group 'decay': 4 tensors, weight_decay=0.01," in result.stdout
     assert "SGD group 'no_decay': 11 tensors, weight_decay=0.0," in result.stdout
     assert "NoDecayMixin safety net: SGD group 0: moved 11 excluded tensors" in result.stderr
+
+
+def test_finetune_example_unfrozen_backbone_split(tmp_path):
+    """Test the fine-tuning example: the unfrozen backbone joins split; Lightning's own callback is refused."""
+    result = run_example("finetune.py", "--quick", cwd=tmp_path)
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs[0] == "epoch 0: [('decay', 2, 0.05), ('no_decay', 7, 0.0)]"
+    backbone_groups = "('backbone_decay', 2, 0.05), ('backbone_no_decay', 4, 0.0)"
+    assert epochs[1] == f"epoch 1: [('decay', 2, 0.05), ('no_decay', 7, 0.0), {backbone_groups}]"
+    assert "refused: Parameters excluded from weight decay (`backbone.0.bias`" in result.stdout
+    assert "Use `lightning_nodecay.NoDecayBackboneFinetuning`" in result.stdout
