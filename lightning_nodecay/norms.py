@@ -11,7 +11,7 @@ How it is computed:
   tensors lose nothing to their own precision. Parameters are not copied; the one exception is CPU, where
   PyTorch has no fused foreach kernel (``_foreach_norm`` runs one reduction per tensor, no faster than a
   Python loop): there, tensors under 16K elements are packed with ``torch.cat`` (one per shape) into
-  scratch buffers of at most 1M elements and reduced together. Per-tensor norms are combined in float64.
+  scratch buffers of at most 4M elements and reduced together. Per-tensor norms are combined in float64.
 - Sharded tensors contribute the part this rank holds: a DTensor (FSDP2 ``fully_shard``, tensor
   parallelism) its ``to_local()`` shard, a DeepSpeed ZeRO-3 parameter its ``ds_tensor`` (without the
   padding of the last partition), and a plain tensor its local elements when ``sharded=True`` (FSDP1
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 #: On CPU, tensors with fewer elements than this are packed into scratch buffers before the reduction.
 _PACK_BELOW = 1 << 14
-#: Tensors per scratch buffer: at most 1M elements (4 MB of float32).
-_PACK_COUNT = (1 << 20) // _PACK_BELOW
+#: Tensors per scratch buffer: at most 4M elements (16 MB of float32).
+_PACK_COUNT = (1 << 22) // _PACK_BELOW
 
 
 class GroupNorms(NamedTuple):

@@ -27,14 +27,14 @@ def oracle(groups: list[list[torch.Tensor]], norm_type: float | str) -> tuple[li
 
 
 def mixed_groups(dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
-    """Groups mixing every path: packed 1-D and 2-D tensors (over one scratch buffer), large ones, 0-d, empty,
+    """Groups mixing every path: packed 1-D (over two scratch buffers) and 2-D tensors, large ones, 0-d, empty,
     non-contiguous."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return nn.Parameter(torch.randn(*shape, generator=gen).to(dtype))
 
-    small_1d = [rand(16) for _ in range(150)]
+    small_1d = [rand(16) for _ in range(300)]
     small_2d = [rand(16, 16) for _ in range(70)]
     return [
         [*small_1d, rand(()), rand(0)],
