@@ -103,11 +103,12 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
             raise ValueError(
                 "`WeightNormMonitor` does not support `DeepSpeedStrategy` yet: its optimizer's param groups hold"
                 " flat partitions, not the model's parameters. Compute norms of the ZeRO-3 parameters with"
-                " `lightning_nodecay.norms.group_norms` instead, or remove the callback."
+                " `lightning_nodecay.group_norms` instead, or remove the callback."
             )
         model = trainer.strategy.model
         self._shard_group = fsdp_shard_group(pl_module if model is None else model)
         _group_names(trainer.optimizers)
+        self._stepped, self._grad_metrics = False, {}  # nothing left over from an interrupted fit
 
     @override
     def on_before_optimizer_step(
