@@ -23,6 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -60,25 +61,24 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def norm_computation(repeats: int) -> None:
     rows = []
     for count, size in ((5_000, 256), (100, 1_000_000)):
-        params = [nn.Parameter(torch.randn(size)) for _ in range(count)]
-        groups = [params[0::2], params[1::2]]  # like decay / no_decay
+        module = nn.ParameterList(nn.Parameter(torch.randn(size)) for _ in range(count))
+        for param in module:
+            param.grad = param.detach()  # so that Lightning's `grad_norm` measures these very tensors
+        groups = [list(module)[0::2], list(module)[1::2]]  # like decay / no_decay
         flat = torch.randn(count * size)
         ours = best_time(lambda groups=groups: group_norms(groups), repeats)
         floor = best_time(lambda flat=flat: torch.linalg.vector_norm(flat), repeats)
         loop = best_time(lambda groups=groups: per_parameter_loop(groups), repeats)
+        lightning = best_time(lambda module=module: grad_norm(module, 2.0), repeats)
+        times = (ours, floor, loop, lightning)
         rows.append(
-            (
-                f"{count:,} x {size:,}",
-                f"{ours * 1e3:.2f}",
-                f"{floor * 1e3:.2f}",
-                f"{loop * 1e3:.2f}",
-                f"{ours / floor:.2f}x",
-                f"{loop / ours:.2f}x",
-            )
+            (f"{count:,} x {size:,}", *(f"{t * 1e3:.2f}" for t in times), f"{ours / floor:.2f}x", f"{loop / ours:.2f}x")
         )
-        del params, groups, flat
-    print("1. Per-group norm computation (2-norm, 2 groups), ms")
-    header = ("tensors", "group_norms", "floor", "per-param loop", "ours / floor", "loop / ours")
+        del module, groups, flat
+    print("1. Norm computation, 2-norm, ms. group_norms: the monitor's norms of 2 param groups; floor: one norm of")
+    print("   one contiguous buffer as large; per-param loop: one vector_norm per tensor, then one per group;")
+    print("   Lightning grad_norm: `pytorch_lightning.utilities.grad_norm` on the same tensors (per-param + total)")
+    header = ("tensors", "group_norms", "floor", "per-param loop", "Lightning grad_norm", "ours / floor", "loop / ours")
     print_table(header, rows)
 
 

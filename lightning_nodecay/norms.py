@@ -135,7 +135,7 @@ class _GroupParts:
     """The non-empty local parts of one group's tensors, in buckets reduced together.
 
     A bucket holds tensors of one device, replica count and dtype; on CPU, small tensors are further
-    bucketed by their shape past the first dimension, so that a bucket can be packed with ``torch.cat``.
+    bucketed by shape (all 1-D ones together), so that a bucket can be packed with ``torch.cat``.
     ``replicas`` is how many ranks of the reduction group hold the same elements: 1 for a unique shard,
     ``k`` for a DTensor shard replicated over mesh dimensions of total size ``k``, 0 for "every rank" (a full
     tensor). When reduced, a part counts ``1 / replicas`` (``1 / world`` for 0) so that its copies add up to one.
@@ -156,8 +156,12 @@ class _GroupParts:
                 self.device = local.device
             numel = local.numel()
             if numel:
-                key = (local.device, replicas, local.dtype, _pack_key(local, numel))
-                self.buckets.setdefault(key, []).append(local)
+                # CPU has no fused foreach kernel: small tensors are packed with `torch.cat`, with the tensors of
+                # their shape (1-D ones all together)
+                shape, pack = local.shape, None
+                if numel < _PACK_BELOW and shape and local.is_cpu:
+                    pack = "1-D" if len(shape) == 1 else shape
+                self.buckets.setdefault((local.device, replicas, local.dtype, pack), []).append(local)
 
     def stat(self, p: float, world: int, device: torch.device) -> Tensor:
         """Sum of p-th powers (max for ``inf``) over the group's local elements, float64 on ``device``."""
@@ -174,17 +178,6 @@ class _GroupParts:
     def numel(self, world: int) -> float:
         """The group's element count, each local element counted ``1 / replicas`` (``1 / world`` for 0)."""
         return sum(sum(map(Tensor.numel, tensors)) / (key[1] or world) for key, tensors in self.buckets.items())
-
-
-def _pack_key(tensor: Tensor, numel: int) -> object:
-    """``None`` when ``tensor`` is reduced on its own, else a key shared by the tensors ``torch.cat`` can pack it with.
-
-    Only small CPU tensors are packed (CPU has no fused foreach kernel). Every 1-D tensor packs with every other one.
-    """
-    if numel >= _PACK_BELOW or not tensor.is_cpu:
-        return None
-    dim = tensor.dim()
-    return None if dim == 0 else dim if dim == 1 else tensor.shape[1:]
 
 
 def _bucket_norms(tensors: list[Tensor], p: float, wide: torch.dtype, packed: bool) -> Tensor:
