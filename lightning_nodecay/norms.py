@@ -99,9 +99,7 @@ def group_norms(
         device = next((part.device for part in parts if part.device is not None), torch.device("cpu"))
         reduce = sharded or any(part.sharded for part in parts)
         world = dist.get_world_size(process_group) if reduce else 1
-        stats = torch.tensor([], dtype=torch.float64, device=device)
-        if parts:
-            stats = torch.stack([part.stat(p, world, device) for part in parts])
+        stats = _local_stats(parts, p, world, device)
         numels = torch.tensor([part.numel(world) for part in parts], dtype=torch.float64, device=device)
         if reduce:
             stats, numels = _all_reduce(stats, numels, p, process_group)
@@ -163,26 +161,36 @@ class _GroupParts:
                     pack = "1-D" if len(shape) == 1 else shape
                 self.buckets.setdefault((local.device, replicas, local.dtype, pack), []).append(local)
 
-    def stat(self, p: float, world: int, device: torch.device) -> Tensor:
-        """Sum of p-th powers (max for ``inf``) over the group's local elements, float64 on ``device``."""
-        stat = torch.zeros((), dtype=torch.float64, device=device)
-        for (_, replicas, dtype, pack), tensors in self.buckets.items():
-            wide = torch.float64 if dtype == torch.float64 else torch.float32
-            norms = _bucket_norms(tensors, p, wide, packed=pack is not None).double()
-            if p == math.inf:
-                stat = torch.maximum(stat, norms.max().to(device))
-            else:
-                stat = stat + norms.pow(p).sum().to(device) / (replicas or world)
-        return stat
-
     def numel(self, world: int) -> float:
         """The group's element count, each local element counted ``1 / replicas`` (``1 / world`` for 0)."""
         return sum(sum(map(Tensor.numel, tensors)) / (key[1] or world) for key, tensors in self.buckets.items())
 
 
+def _local_stats(parts: list[_GroupParts], p: float, world: int, device: torch.device) -> Tensor:
+    """Per-group sums of p-th powers (maxima for ``inf``) of the local elements, float64 on ``device``.
+
+    All buckets' piece norms are combined in a handful of ops, whatever the number of groups and buckets.
+    """
+    pieces, owners, shares = [], [], []
+    for index, part in enumerate(parts):
+        for (_, replicas, dtype, pack), tensors in part.buckets.items():
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            norms = _bucket_norms(tensors, p, wide, packed=pack is not None)
+            pieces.append(norms.to(device, torch.float64))
+            owners += [index] * len(norms)
+            shares += [1 / (replicas or world)] * len(norms)
+    stats = torch.zeros(len(parts), dtype=torch.float64, device=device)
+    if not pieces:
+        return stats
+    norms, owner = torch.cat(pieces), torch.tensor(owners, device=device)
+    if p == math.inf:
+        return stats.scatter_reduce_(0, owner, norms, "amax")
+    return stats.index_add_(0, owner, norms.pow(p) * torch.tensor(shares, dtype=torch.float64, device=device))
+
+
 def _bucket_norms(tensors: list[Tensor], p: float, wide: torch.dtype, packed: bool) -> Tensor:
     """Norms of pieces that together hold exactly the elements of ``tensors``, accumulated in ``wide``."""
-    if not packed:
+    if not packed or len(tensors) == 1:
         return torch.stack(_FOREACH_NORM(tensors, p, wide))
     return torch.stack(
         [
