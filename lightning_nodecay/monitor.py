@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
-    r"""Log the norm of each param group's weights (and optionally gradients, RMS, weight decay) while training.
+    """Log the norm of each param group's weights (and optionally gradients, RMS, weight decay) while training.
 
     With weight decay working as intended, the ``decay`` group's norm is pulled down steadily while the
     ``no_decay`` group (biases, norm scales, PReLU slopes, ...) is not pulled toward zero.
@@ -44,8 +44,8 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
     the batches that step the optimizer (so gradient accumulation is respected), under the same step as
     ``self.log`` values and ``LearningRateMonitor``, to every logger of the Trainer. Nothing is computed on
     other batches. Norms are computed by :func:`~lightning_nodecay.norms.group_norms`: multi-tensor kernels,
-    float32 accumulation, and under FSDP1, FSDP2 / DTensor or sharded DeepSpeed-style parameters ONE
-    collective per logged step on every rank (none under DDP or on one device).
+    float32 accumulation, and under FSDP1 or FSDP2 / DTensor ONE collective per logged step on every rank
+    (none under DDP or on one device). ``DeepSpeedStrategy`` is not supported yet (a clear error).
 
     Args:
         norm_type: the p of the p-norm: any positive number, or ``"inf"`` for the largest absolute value.

@@ -150,16 +150,19 @@ class _GroupParts:
             else:
                 local, replicas = _local_part(tensor, sharded)
                 self.sharded |= replicas > 0
+            cpu = local.is_cpu
+            device = _CPU if cpu else local.device
             if self.device is None:
-                self.device = local.device
+                self.device = device
             numel = local.numel()
             if numel:
                 # CPU has no fused foreach kernel: small tensors are packed with `torch.cat`, with the tensors of
                 # their shape (1-D ones all together)
-                shape, pack = local.shape, None
-                if numel < _PACK_BELOW and shape and local.is_cpu:
-                    pack = "1-D" if len(shape) == 1 else shape
-                self.buckets.setdefault((local.device, replicas, local.dtype, pack), []).append(local)
+                pack = None
+                if cpu and numel < _PACK_BELOW:
+                    dim = local.dim()
+                    pack = "1-D" if dim == 1 else local.shape if dim else None
+                self.buckets.setdefault((device, replicas, local.dtype, pack), []).append(local)
 
     def numel(self, world: int) -> float:
         """The group's element count, each local element counted ``1 / replicas`` (``1 / world`` for 0)."""
@@ -278,5 +281,6 @@ def _dtensor_class() -> type | None:
 
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+_CPU = torch.device("cpu")
 _FOREACH_NORM = _pick_foreach_norm()
 _DTENSOR = _dtensor_class()
