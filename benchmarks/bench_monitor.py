@@ -1,6 +1,6 @@
 """How much `WeightNormMonitor` costs: its norm computation, whole fits, and the time inside its hooks.
 
-Run: `python benchmarks/bench_monitor.py` (about 2 minutes). One thread, CPU, best of `--repeats` runs.
+Run: `python benchmarks/bench_monitor.py` (about 4 minutes). One thread, CPU, best of `--repeats` runs.
 
 1. The per-group norm computation the monitor runs (`group_norms` over an optimizer's two param groups) against
    (a) the floor, one norm over a single contiguous buffer of as many elements, and (b) a per-parameter loop
@@ -172,12 +172,16 @@ def timed_fit(make: Callable[[], Net], steps: int, every: int, monitor: TimedWei
 def whole_fit(repeats: int) -> None:
     rows = []
     for every in (1, 50):
-        without = min(timed_fit(small_cnn, 200, every, None) for _ in range(repeats))
-        with_monitor = min(timed_fit(small_cnn, 200, every, TimedWeightNormMonitor()) for _ in range(repeats))
-        difference = f"{(with_monitor / without - 1) * 100:+.1f}%"
-        rows.append((str(every), f"{without:.2f}", f"{with_monitor:.2f}", difference))
-    print("2. Whole fit, small CNN (2 conv + BN + linear, 10 tensors), 200 steps of batch 32, s")
-    print_table(("log_every_n_steps", "without monitor", "with monitor", "difference"), rows)
+        without, with_monitor, hooks = [], [], []
+        for _ in range(repeats):  # interleaved, so that drifting machine load hits both alike
+            without.append(timed_fit(small_cnn, 300, every, None))
+            monitor = TimedWeightNormMonitor()
+            with_monitor.append(timed_fit(small_cnn, 300, every, monitor))
+            hooks.append(monitor.seconds)
+        difference = f"{(min(with_monitor) / min(without) - 1) * 100:+.1f}%"
+        rows.append((str(every), f"{min(without):.2f}", f"{min(with_monitor):.2f}", difference, f"{min(hooks):.3f}"))
+    print("2. Whole fit, small CNN (2 conv + BN + linear, 10 tensors), 300 steps of batch 32, s")
+    print_table(("log_every_n_steps", "without monitor", "with monitor", "difference", "in monitor hooks"), rows)
 
 
 def hook_share(repeats: int) -> None:
@@ -198,7 +202,7 @@ def hook_share(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch"):

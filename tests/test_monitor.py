@@ -236,9 +236,8 @@ class DuplicateGroupNames(BoringModel):
 def test_monitor_rejects_duplicate_group_names(tmp_path):
     """Test that groups of one optimizer sharing a name are refused before the first step."""
     model = DuplicateGroupNames()
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, logger=pl.loggers.CSVLogger(tmp_path)), callbacks=[WeightNormMonitor()]
-    )
+    kwargs = trainer_kwargs(tmp_path, logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer = pl.Trainer(**kwargs, callbacks=[WeightNormMonitor()])
     with pytest.raises(ValueError, match="param groups of `SGD` named `a`"):
         trainer.fit(model)
     assert trainer.global_step == 0
