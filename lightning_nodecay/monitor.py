@@ -37,7 +37,8 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
       (after unscaling under mixed precision), over the parameters that have a gradient;
     - with ``log_rms``: ``weight_rms/{group}``, the 2-norm over the square root of the number of elements,
       so that groups of different sizes compare;
-    - with ``log_weight_decay``: ``weight_decay/{group}``, the group's effective ``weight_decay``, and
+    - with ``log_weight_decay``: ``weight_decay/{group}``, the group's effective weight decay (its
+      ``weight_decay``, plus the ``hook_weight_decay`` that per-element masks apply in its place), and
       ``weight_decay_mask_share/{group}`` for groups that carry that key.
 
     Values are the weights after the optimizer step, logged at the Trainer's ``log_every_n_steps`` cadence on
@@ -200,10 +201,16 @@ def _group_names(optimizers: list[Optimizer]) -> list[list[str]]:
 
 
 def _weight_decay_metrics(names: list[str], groups: list[dict[str, Any]]) -> dict[str, float]:
+    """Each group's effective decay, and the share of its elements under per-element masks.
+
+    The effective decay is the optimizer's ``weight_decay`` plus the ``hook_weight_decay`` that per-element
+    masks move out of the optimizer (which then sees 0).
+    """
     metrics = {}
     for name, group in zip(names, groups, strict=True):
-        if "weight_decay" in group:
-            metrics[f"weight_decay/{name}"] = float(group["weight_decay"])
+        if "weight_decay" in group or "hook_weight_decay" in group:
+            decay = float(group.get("weight_decay", 0.0)) + float(group.get("hook_weight_decay", 0.0))
+            metrics[f"weight_decay/{name}"] = decay
         if "weight_decay_mask_share" in group:
             metrics[f"weight_decay_mask_share/{name}"] = float(group["weight_decay_mask_share"])
     return metrics

@@ -170,18 +170,20 @@ def test_monitor_logs_rms(tmp_path):
 
 
 class MaskShareModel(NoDecayBoringModel):
-    """The decay group carries the `weight_decay_mask_share` key the per-element masks set."""
+    """The decay group carries the keys per-element masks set: the decay moved to `hook_weight_decay`, and the
+    share of masked elements."""
 
     def configure_optimizers(self):
         optimizer = super().configure_optimizers()
-        optimizer.param_groups[0]["weight_decay_mask_share"] = 0.25
+        decay = optimizer.param_groups[0]
+        decay.update(weight_decay=0.0, hook_weight_decay=0.1, weight_decay_mask_share=0.25)
         return optimizer
 
 
 def test_monitor_logs_weight_decay_and_mask_share(tmp_path):
     """Test that `log_weight_decay` logs each group's effective decay, and the mask share where a group has one."""
     logger = fit(tmp_path, MaskShareModel(), WeightNormMonitor(log_weight_decay=True), max_steps=2)
-    assert logged(logger, "weight_decay/decay") == {0: 0.1, 1: 0.1}
+    assert logged(logger, "weight_decay/decay") == {0: 0.1, 1: 0.1}  # the hook's decay, not the optimizer's 0
     assert logged(logger, "weight_decay/no_decay") == {0: 0.0, 1: 0.0}
     assert logged(logger, "weight_decay_mask_share/decay") == {0: 0.25, 1: 0.25}
     assert "weight_decay_mask_share/no_decay" not in columns(logger)
