@@ -16,6 +16,8 @@ from lightning_nodecay.layout import (
 )
 from lightning_nodecay.masks import DecayStyle, WeightDecayMasks, apply_weight_decay_masks, attached_masks
 from lightning_nodecay.mixin import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
+from lightning_nodecay.norms import GroupNorms, group_norms
+from lightning_nodecay.plot import plot_weight_norms
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,
     DEFAULT_NO_DECAY_PARAM_NAMES,
@@ -32,12 +34,14 @@ if TYPE_CHECKING:
         NoDecayFinetuning,
         unfreeze_and_add_param_groups,
     )
+    from lightning_nodecay.monitor import WeightNormMonitor
 
 __version__ = "0.1.0"
 
 #: Names whose modules import Lightning, loaded on first use so the pure-PyTorch core imports fast
 #: (``from lightning_nodecay import param_groups`` needs only torch).
 _LIGHTNING_GLUE = {
+    "WeightNormMonitor": "lightning_nodecay.monitor",
     "NoDecayBackboneFinetuning": "lightning_nodecay.finetuning",
     "NoDecayFinetuning": "lightning_nodecay.finetuning",
     "unfreeze_and_add_param_groups": "lightning_nodecay.finetuning",
@@ -57,6 +61,7 @@ __all__ = [
     "DecayStyle",
     "DecaySummary",
     "GroupLayout",
+    "GroupNorms",
     "GroupSummary",
     "LRSchedulerCallable",
     "Layout",
@@ -68,15 +73,18 @@ __all__ = [
     "NoDecayMixin",
     "OptimizerCallable",
     "WeightDecayMasks",
+    "WeightNormMonitor",
     "apply_weight_decay_masks",
     "attached_masks",
     "clean_name",
     "compare_layouts",
     "decide",
     "group_name",
+    "group_norms",
     "layout_of",
     "norm_by_class_name",
     "param_groups",
+    "plot_weight_norms",
     "remap_optimizer_state",
     "remap_scheduler_state",
     "split_excluded",

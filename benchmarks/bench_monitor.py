@@ -1,0 +1,219 @@
+"""How much `WeightNormMonitor` costs: its norm computation, whole fits, and the time inside its hooks.
+
+Run: `python benchmarks/bench_monitor.py` (about 4 minutes). One thread, CPU, best of `--repeats` runs.
+
+1. The per-group norm computation the monitor runs (`group_norms` over an optimizer's two param groups) against
+   (a) the floor, one norm over a single contiguous buffer of as many elements, and (b) a per-parameter loop
+   like Lightning's `grad_norm` (one `vector_norm` per tensor, then one per group over those norms).
+2. Whole-`fit` wall time of a small CNN with and without the monitor, at `log_every_n_steps` 1 and 50.
+3. The share of training time spent inside the monitor's hooks (timed with `perf_counter` around each hook by
+   a subclass, logger calls included), on 150 x (Linear(16, 16) + LayerNorm(16)), batch 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nodecay import WeightNormMonitor, group_norms, param_groups
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, garbage collection off while timing (as `timeit` does)."""
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        gc.enable()
+    return min(times)
+
+
+def per_parameter_loop(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-group norms the way a per-parameter utility gets them: one norm per tensor, then a norm of norms."""
+    with torch.no_grad():
+        return [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in g])) for g in groups]
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print()
+
+
+def norm_computation(repeats: int) -> None:
+    rows = []
+    for count, size in ((5_000, 256), (100, 1_000_000)):
+        module = nn.ParameterList(nn.Parameter(torch.randn(size)) for _ in range(count))
+        for param in module:
+            param.grad = param.detach()  # so that Lightning's `grad_norm` measures these very tensors
+        groups = [list(module)[0::2], list(module)[1::2]]  # like decay / no_decay
+        flat = torch.randn(count * size)
+        ours = best_time(lambda groups=groups: group_norms(groups), repeats)
+        floor = best_time(lambda flat=flat: torch.linalg.vector_norm(flat), repeats)
+        loop = best_time(lambda groups=groups: per_parameter_loop(groups), repeats)
+        lightning = best_time(lambda module=module: grad_norm(module, 2.0), repeats)
+        times = (ours, floor, loop, lightning)
+        rows.append(
+            (f"{count:,} x {size:,}", *(f"{t * 1e3:.2f}" for t in times), f"{ours / floor:.2f}x", f"{loop / ours:.2f}x")
+        )
+        del module, groups, flat
+    print("1. Norm computation, 2-norm, ms. group_norms: the monitor's norms of 2 param groups; floor: one norm of")
+    print("   one contiguous buffer as large; per-param loop: one vector_norm per tensor, then one per group;")
+    print("   Lightning grad_norm: `pytorch_lightning.utilities.grad_norm` on the same tensors (per-param + total)")
+    header = ("tensors", "group_norms", "floor", "per-param loop", "Lightning grad_norm", "ours / floor", "loop / ours")
+    print_table(header, rows)
+
+
+class Net(pl.LightningModule):
+    """A body, AdamW on the library's decay / no_decay groups, and a loss."""
+
+    def __init__(self, body: nn.Module, data: TensorDataset, loss: Callable[..., torch.Tensor], batch: int) -> None:
+        super().__init__()
+        self.body, self.data, self.loss, self.batch = body, data, loss, batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return self.loss(self.body(inputs), targets)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(self.body), lr=1e-3, weight_decay=0.05)
+
+
+def small_cnn() -> Net:
+    body = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    data = TensorDataset(torch.randn(6_400, 1, 16, 16), torch.randint(0, 10, (6_400,)))
+    return Net(body, data, nn.functional.cross_entropy, batch=32)
+
+
+def linear_layernorm_stack() -> Net:
+    body = nn.Sequential(*(layer for _ in range(150) for layer in (nn.Linear(16, 16), nn.LayerNorm(16))))
+    data = TensorDataset(torch.randn(1_200, 16), torch.zeros(1_200, 16))
+    return Net(body, data, nn.functional.mse_loss, batch=4)
+
+
+class TimedWeightNormMonitor(WeightNormMonitor):
+    """`WeightNormMonitor` with `perf_counter` around each of its hooks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = 0.0
+
+    def _timed(self, hook: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        hook(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().setup, *args, **kwargs)
+
+    def on_train_start(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().on_train_start, *args, **kwargs)
+
+    def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().on_before_optimizer_step, *args, **kwargs)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().on_train_batch_end, *args, **kwargs)
+
+
+def timed_fit(make: Callable[[], Net], steps: int, every: int, monitor: TimedWeightNormMonitor | None) -> float:
+    """Wall time of one `fit` of ``steps`` steps with a CSVLogger (with or without the monitor)."""
+    with tempfile.TemporaryDirectory() as root:
+        torch.manual_seed(0)
+        model = make()
+        trainer = pl.Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=pl.loggers.CSVLogger(root),
+            log_every_n_steps=every,
+            callbacks=[] if monitor is None else [monitor],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(model)
+        return time.perf_counter() - start
+
+
+def whole_fit(repeats: int) -> None:
+    rows = []
+    for every in (1, 50):
+        without, with_monitor, hooks = [], [], []
+        for _ in range(repeats):  # interleaved, so that drifting machine load hits both alike
+            without.append(timed_fit(small_cnn, 300, every, None))
+            monitor = TimedWeightNormMonitor()
+            with_monitor.append(timed_fit(small_cnn, 300, every, monitor))
+            hooks.append(monitor.seconds)
+        difference = f"{(min(with_monitor) / min(without) - 1) * 100:+.1f}%"
+        rows.append((str(every), f"{min(without):.2f}", f"{min(with_monitor):.2f}", difference, f"{min(hooks):.3f}"))
+    print("2. Whole fit, small CNN (2 conv + BN + linear, 10 tensors), 300 steps of batch 32, s")
+    print_table(("log_every_n_steps", "without monitor", "with monitor", "difference", "in monitor hooks"), rows)
+
+
+def hook_share(repeats: int) -> None:
+    rows = []
+    for every in (1, 50):
+        best = None
+        for _ in range(repeats):
+            monitor = TimedWeightNormMonitor()
+            total = timed_fit(linear_layernorm_stack, 150, every, monitor)
+            if best is None or monitor.seconds / total < best[0] / best[1]:
+                best = (monitor.seconds, total)
+        assert best is not None
+        hooks, total = best
+        rows.append((str(every), f"{total:.2f}", f"{hooks * 1e3:.1f}", f"{hooks / total * 100:.2f}%"))
+    print("3. Time inside the monitor's hooks, 150 x (Linear(16,16) + LayerNorm(16)) = 600 tensors, 150 steps, batch 4")
+    print_table(("log_every_n_steps", "fit s", "hooks ms", "hooks / fit"), rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    timed_fit(small_cnn, 20, 1, TimedWeightNormMonitor())  # warm-up: imports, first-call costs
+    norm_computation(max(args.repeats, 7))
+    whole_fit(args.repeats)
+    hook_share(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
