@@ -58,3 +58,18 @@ def test_finetune_example_unfrozen_backbone_split(tmp_path):
     assert epochs[1] == f"epoch 1: [('decay', 2, 0.05), ('no_decay', 7, 0.0), {backbone_groups}]"
     assert "refused: Parameters excluded from weight decay (`backbone.0.bias`" in result.stdout
     assert "Use `lightning_nodecay.NoDecayBackboneFinetuning`" in result.stdout
+
+
+def test_prelu_digits_slopes_kept_without_decay(tmp_path):
+    """Test the PReLU experiment: both runs log group norms, the PNG is written, slopes stay larger without decay."""
+    result = run_example("prelu_digits.py", "--quick", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    rows = {line.split("|")[0].strip(): line.split("|") for line in result.stdout.splitlines() if "|" in line}
+    plain_slope, nodecay_slope = float(rows["plain"][3]), float(rows["nodecay"][3])
+    assert nodecay_slope > plain_slope
+    png = tmp_path / "out" / "prelu_digits.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+    for run in ("plain", "nodecay"):
+        with open(tmp_path / "out" / run / "version_0" / "metrics.csv") as f:
+            header = f.readline().strip().split(",")
+        assert {"weight_2.0_norm/decay", "weight_2.0_norm/no_decay", "lr-AdamW/decay"} <= set(header)
