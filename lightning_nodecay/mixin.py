@@ -171,8 +171,9 @@ class NoDecayMixin:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         optimizers = trainer.optimizers
         for optimizer in optimizers:
-            for message in split_excluded(optimizer, decisions, schedulers):
-                log.info(f"NoDecayMixin safety net: {message}.")
+            for message in split_excluded(optimizer, decisions, schedulers):  # every rank splits, rank 0 says so
+                if trainer.global_rank == 0:
+                    log.info(f"NoDecayMixin safety net: {message}.")
         if not any(attached_masks(optimizer) for optimizer in optimizers):  # built elsewhere
             for optimizer in optimizers:
                 self._hook_weight_decay(optimizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -272,9 +273,17 @@ def test_monitor_works_with_lightning_pytorch_trainer(tmp_path):
 
 
 def test_monitor_under_ddp_logs_the_norms_of_the_weights(tmp_path):
-    """Test that a real 2-process DDP fit on CPU logs, from rank 0, the norms of the (replicated) final weights."""
+    """Test a real 2-process DDP fit on CPU: the safety net splits on every rank, the summary is logged once,
+    and rank 0 logs the norms of the (replicated) final weights."""
     script = Path(__file__).parent / "scripts" / "ddp_monitor.py"
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], check=True, capture_output=True, text=True, timeout=240
+    )
+    for rank in range(2):
+        groups = json.loads((tmp_path / f"groups_rank{rank}.json").read_text())
+        assert groups == [["decay", 1, 0.1], ["no_decay", 1, 0.0]]
+    assert result.stderr.count("Weight decay groups of `HandWrittenOptimizer`") == 1
+    assert result.stderr.count("NoDecayMixin safety net: AdamW group 0: moved 1 excluded tensor (layer.bias)") == 1
     weights = [torch.load(tmp_path / f"final_rank{rank}.pt") for rank in range(2)]
     assert torch.equal(weights[0]["layer.weight"], weights[1]["layer.weight"])
     logger_dir = tmp_path / "csv" / "version_0"

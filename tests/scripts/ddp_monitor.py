@@ -1,11 +1,14 @@
-"""Fit ``NoDecayBoringModel`` with ``WeightNormMonitor`` under DDP on 2 CPU processes.
+"""Fit a mixin model with a hand-written optimizer and ``WeightNormMonitor`` under DDP on 2 CPU processes.
 
-Usage: ``python ddp_monitor.py OUT_DIR``. Lightning re-runs this script for the second rank. Writes
-``OUT_DIR/csv/version_0/metrics.csv`` (rank 0 logs) and ``OUT_DIR/final_rank{r}.pt`` (each rank's final weights).
+The optimizer puts every parameter in one decayed group, so the mixin's safety net must split it on
+every rank. Usage: ``python ddp_monitor.py OUT_DIR``. Lightning re-runs this script for the second
+rank. Writes ``OUT_DIR/csv/version_0/metrics.csv`` (rank 0 logs), ``OUT_DIR/final_rank{r}.pt`` (each
+rank's final weights) and ``OUT_DIR/groups_rank{r}.json`` (each rank's optimizer groups).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,8 +22,13 @@ from helpers import NoDecayBoringModel, trainer_kwargs
 from lightning_nodecay import WeightNormMonitor
 
 
+class HandWrittenOptimizer(NoDecayBoringModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+
+
 def main(out: Path) -> None:
-    model = NoDecayBoringModel()
+    model = HandWrittenOptimizer()
     trainer = pl.Trainer(
         **trainer_kwargs(
             out,
@@ -35,6 +43,8 @@ def main(out: Path) -> None:
     trainer.fit(model)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save(weights, out / f"final_rank{trainer.global_rank}.pt")
+    groups = [(g.get("name"), len(g["params"]), g["weight_decay"]) for g in trainer.optimizers[0].param_groups]
+    (out / f"groups_rank{trainer.global_rank}.json").write_text(json.dumps(groups))
 
 
 if __name__ == "__main__":
