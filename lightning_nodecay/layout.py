@@ -24,7 +24,6 @@ from torch import nn
 
 from lightning_nodecay.groups import DecayDecision
 from lightning_nodecay.rules import clean_name
-from lightning_nodecay.safety_net import _PER_GROUP_ATTRIBUTES
 
 #: Checkpoint key under which :func:`save_layouts` stores one layout per optimizer.
 LAYOUT_KEY = "lightning_nodecay_layouts"
@@ -36,6 +35,10 @@ _POLICIES = ("remap", "error")
 #: optimizer's trajectory: a group built from other groups' state keeps its own values of these.
 _DECAY_KEYS = ("weight_decay", "weight_decay_multiplier")
 
+
+#: Attributes of ``torch.optim.lr_scheduler`` schedulers, and keys of their ``state_dict()``, that hold one entry
+#: per param group.
+_PER_GROUP_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
 
 _WEIGHTS_ONLY = (
     "resume the weights only (`Model.load_from_checkpoint(path)`, then `trainer.fit(model)` without `ckpt_path`;"
@@ -302,9 +305,9 @@ def remap_scheduler_state(
         saved_groups: number of groups of the saved layout.
     """
     out = dict(state)
-    for key in _PER_GROUP_ATTRIBUTES:
-        values, now = state.get(key), current_state.get(key)
-        if isinstance(values, list) and len(values) == saved_groups and isinstance(now, list):
+    for key, values in per_group_lists(state, saved_groups).items():
+        now = current_state.get(key)
+        if isinstance(now, list):
             out[key] = [values[s] if s is not None else now[k] for k, s in enumerate(sources)]
     nested, nested_now = state.get("_schedulers"), current_state.get("_schedulers")
     if isinstance(nested, list) and isinstance(nested_now, list):
@@ -312,6 +315,24 @@ def remap_scheduler_state(
             remap_scheduler_state(s, n, sources, saved_groups) for s, n in zip(nested, nested_now, strict=True)
         ]
     return out
+
+
+def per_group_lists(scheduler_state: Mapping[str, Any], groups: int) -> dict[str, list[Any]]:
+    """The lists of an LR scheduler's ``state_dict()`` (or ``vars()``) that hold one entry per param group.
+
+    Args:
+        scheduler_state: the scheduler's ``state_dict()``, or ``vars(scheduler)`` to change it in place.
+        groups: the number of param groups the scheduler was built for.
+
+    Example:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.5}], lr=1)
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        >>> per_group_lists(scheduler.state_dict(), 2)
+        {'base_lrs': [1, 0.5], '_last_lr': [1, 0.5]}
+    """
+    found = {key: scheduler_state.get(key) for key in _PER_GROUP_KEYS}
+    return {key: values for key, values in found.items() if isinstance(values, list) and len(values) == groups}
 
 
 def save_layouts(checkpoint: dict[str, Any], optimizers: Sequence[Any], module: nn.Module) -> None:

@@ -15,9 +15,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from lightning_nodecay.groups import NO_DECAY, DecayDecision
-
-#: Attributes of ``torch.optim.lr_scheduler`` schedulers that hold one entry per param group.
-_PER_GROUP_ATTRIBUTES = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+from lightning_nodecay.layout import per_group_lists
 
 
 def split_excluded(
@@ -73,11 +71,13 @@ def split_excluded(
 
 
 def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:
+    """Give the per-group lists of ``optimizer``'s schedulers (nested ones too) an entry for the group just added.
+
+    The new group copies group ``source``; lists a nested scheduler shares with its parent grow once.
+    """
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is not optimizer:
             continue
         _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source)
-        for attribute in _PER_GROUP_ATTRIBUTES:
-            values = getattr(scheduler, attribute, None)
-            if isinstance(values, list) and len(values) == len(optimizer.param_groups) - 1:
-                values.append(values[source])
+        for values in per_group_lists(vars(scheduler), len(optimizer.param_groups) - 1).values():
+            values.append(values[source])
