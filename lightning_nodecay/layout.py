@@ -88,11 +88,24 @@ class Layout:
         return "\n".join(f"{g.name}: {', '.join(g.params)}" for g in self.groups)
 
 
+def group_label(group: Mapping[str, Any], index: int) -> str:
+    """The name of the param group at position ``index`` (from 0): its ``"name"``, else ``pg{index + 1}``.
+
+    Unnamed groups are numbered from 1, as Lightning's ``LearningRateMonitor`` names them (``lr-SGD/pg1``), so
+    a group has the same name in logged keys, checkpoint layouts and messages.
+
+    Example:
+        >>> group_label({"params": []}, 0), group_label({"name": "no_decay", "params": []}, 1)
+        ('pg1', 'no_decay')
+    """
+    return str(group.get("name", f"pg{index + 1}"))
+
+
 def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     """The layout of param ``groups`` (``optimizer.param_groups``) over the parameters of ``module``.
 
-    Groups without a ``"name"`` are called ``pg0``, ``pg1``, ... by position. A parameter that is
-    not part of ``module`` is called ``?<group>[<index>]``.
+    Groups without a ``"name"`` are called ``pg1``, ``pg2``, ... by position (see :func:`group_label`). A
+    parameter that is not part of ``module`` is called ``?<group>[<index>]``.
 
     Raises:
         ValueError: a parameter appears twice (it would be updated twice per step).
@@ -101,7 +114,7 @@ def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     seen: dict[int, str] = {}
     layout = []
     for i, group in enumerate(groups):
-        group_name = str(group.get("name", f"pg{i}"))
+        group_name = group_label(group, i)
         params = []
         for j, param in enumerate(group["params"]):
             name = names.get(id(param), f"?{group_name}[{j}]")
@@ -234,7 +247,7 @@ def remap_optimizer_state(
         >>> w.grad, b.grad = torch.ones(2), 2 * torch.ones(2)
         >>> before.step()
         >>> after = torch.optim.SGD([{"params": [b], "name": "b"}, {"params": [w], "name": "w"}], lr=0.1, momentum=0.9)
-        >>> saved = Layout((GroupLayout("pg0", ("w", "b")),))
+        >>> saved = Layout((GroupLayout("pg1", ("w", "b")),))
         >>> current = Layout((GroupLayout("b", ("b",)), GroupLayout("w", ("w",))))
         >>> after.load_state_dict(remap_optimizer_state(before.state_dict(), saved, current, after.param_groups))
         >>> after.state[b]["momentum_buffer"].tolist(), after.state[w]["momentum_buffer"].tolist()

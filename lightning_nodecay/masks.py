@@ -52,6 +52,7 @@ from torch.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam
 
 from lightning_nodecay._log import log
 from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, Penalty, _unwrap
+from lightning_nodecay.layout import group_label
 from lightning_nodecay.rules import clean_name
 
 DecayStyle = Literal["coupled", "decoupled"]
@@ -431,7 +432,7 @@ def _known_style(optimizer: Optimizer, group: Mapping[str, Any]) -> DecayStyle |
 
 
 def _group_label(optimizer: Optimizer, index: int) -> str:
-    return f"`{optimizer.param_groups[index].get('name', index)}`"
+    return f"`{group_label(optimizer.param_groups[index], index)}`"
 
 
 def _check_mask(name: str, param: Tensor, mask: object) -> Tensor:

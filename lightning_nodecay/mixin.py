@@ -21,7 +21,14 @@ from lightning_nodecay.groups import (
     groups_from_decisions,
     resolve_multipliers,
 )
-from lightning_nodecay.layout import LayoutPolicy, layout_of, misplaced_exclusions, resume_layouts, save_layouts
+from lightning_nodecay.layout import (
+    LayoutPolicy,
+    group_label,
+    layout_of,
+    misplaced_exclusions,
+    resume_layouts,
+    save_layouts,
+)
 from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
 from lightning_nodecay.safety_net import split_excluded
@@ -267,7 +274,7 @@ class NoDecayMixin:
         names = {id(p): name for name, p in self._module.named_parameters() if p.requires_grad}
         where: dict[int, str] = {}
         for i, group in enumerate(groups):
-            label = f"`{group.get('name', f'pg{i}')}`"
+            label = f"`{group_label(group, i)}`"
             for param in group["params"]:
                 if id(param) not in names:
                     raise ValueError(

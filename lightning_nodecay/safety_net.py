@@ -15,7 +15,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from lightning_nodecay.groups import NO_DECAY, DecayDecision
-from lightning_nodecay.layout import per_group_lists
+from lightning_nodecay.layout import group_label, per_group_lists
 
 
 def split_excluded(
@@ -23,7 +23,10 @@ def split_excluded(
 ) -> list[str]:
     """Move excluded parameters out of decayed groups of ``optimizer``, in place.
 
-    Must run before the first step and before optimizer state is loaded.
+    Must run before the first step and before optimizer state is loaded. The new group of a group named
+    ``g`` is ``g_no_decay``; unnamed groups are named ``pg1``, ``pg2``, ... by position first (see
+    :func:`~lightning_nodecay.layout.group_label`), except a single unnamed group, which becomes ``decay``
+    and gives ``no_decay``.
 
     Args:
         optimizer: the optimizer to fix.
@@ -60,7 +63,7 @@ def split_excluded(
             group["weight_decay"] = 0.0
             messages.append(f"{what}: the whole group, set its weight_decay=0.0")
             continue
-        base = group.get("name") or ("" if len(optimizer.param_groups) == 1 else f"pg{index}")
+        base = group_label(group, index) if "name" in group or len(optimizer.param_groups) > 1 else ""
         group["name"] = base or "decay"
         group["params"] = [p for p in group["params"] if id(p) not in excluded]
         new_group = {**group, "params": moving, "weight_decay": 0.0, "name": f"{base}_{NO_DECAY}" if base else NO_DECAY}

@@ -65,8 +65,8 @@ def test_layout_of_unnamed_groups_wrappers_and_foreign_parameters():
     stray = nn.Parameter(torch.ones(1))
     optimizer = torch.optim.SGD([{"params": [net[0].weight]}, {"params": [net[1].bias, stray]}], lr=0.1)
     assert layout_of(optimizer.param_groups, wrapped).to_state() == [
-        {"name": "pg0", "params": ["0.0.weight"]},
-        {"name": "pg1", "params": ["0.1.bias", "?pg1[1]"]},
+        {"name": "pg1", "params": ["0.0.weight"]},
+        {"name": "pg2", "params": ["0.1.bias", "?pg2[1]"]},
     ]
 
 

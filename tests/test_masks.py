@@ -406,11 +406,11 @@ def test_masks_refuse_bad_setups():
         apply_weight_decay_masks(fused, {"w": torch.ones(4, 6)}, module=net)
     mixed = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
     with pytest.raises(
-        ValueError, match=r"`bias` is excluded from weight decay by name pattern `bias` but is in group `0`"
+        ValueError, match=r"`bias` is excluded from weight decay by name pattern `bias` but is in group `pg1`"
     ):
         apply_weight_decay_masks(mixed, {"w": torch.ones(4, 6)}, **kwargs)
     plain_l1 = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
-    with pytest.raises(ValueError, match=r"`w` should get an L1 penalty \(L1 rule `w`\) but is in group `0`"):
+    with pytest.raises(ValueError, match=r"`w` should get an L1 penalty \(L1 rule `w`\) but is in group `pg1`"):
         apply_weight_decay_masks(plain_l1, {}, module=net, decisions=decide(net, weight_decay_l1=("w",)))
 
 

@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
 from torch import nn
 
-from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, NoDecayMixin
+from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, NoDecayMixin, decide, split_excluded
 
 
 class ZeroGradModel(NoDecayBoringModel):
@@ -168,7 +168,10 @@ def test_mixin_optimizer_returning_non_optimizer_raises():
             ],
             r"puts parameter `layer.bias` in groups `a` and `b`",
         ),
-        (lambda m: [{"params": [*m.parameters(), nn.Parameter(torch.ones(1))]}], "not part of the model"),
+        (
+            lambda m: [{"params": [*m.parameters(), nn.Parameter(torch.ones(1))]}],
+            r"puts a parameter in group `pg1` that is frozen or not part of the model",
+        ),
     ],
 )
 def test_mixin_overridden_param_groups_checked(groups_of, message):
@@ -216,6 +219,17 @@ def test_mixin_safety_net_splits_hand_written_optimizer(tmp_path, nodecay_log):
         "NoDecayMixin safety net: SGD group 0: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
         " with weight_decay=0.0."
     ]
+
+
+def test_mixin_safety_net_names_unnamed_groups_like_lr_monitor():
+    """Test that split unnamed groups are named `pg1`, `pg2`, ... by position, as LearningRateMonitor names them."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    groups = [{"params": net[0].parameters()}, {"params": net[1].parameters()}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, weight_decay=0.1)
+    split_excluded(optimizer, decide(net))
+    assert [g["name"] for g in optimizer.param_groups] == ["pg1", "pg2", "pg1_no_decay", "pg2_no_decay"]
+    a, b = net
+    assert [g["params"] for g in optimizer.param_groups] == [[a.weight], [b.weight], [a.bias], [b.bias]]
 
 
 def test_mixin_safety_net_resume(tmp_path):
