@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_nodecay.groups import DecayDecision
+from lightning_nodecay.groups import DecayDecision, _unwrap
 from lightning_nodecay.rules import clean_name
 
 #: Checkpoint key under which :func:`save_layouts` stores one layout per optimizer.
@@ -88,6 +88,21 @@ class Layout:
         return "\n".join(f"{g.name}: {', '.join(g.params)}" for g in self.groups)
 
 
+def param_names(module: nn.Module) -> dict[int, str]:
+    """``{id(parameter): name}`` of the parameters of ``module``, named as :func:`~lightning_nodecay.decide` names them.
+
+    Names are cleaned of wrapper segments (:func:`~lightning_nodecay.clean_name`) and of pure wrapping modules
+    (DDP's ``module.``); a parameter reached through several paths is named by the first.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> param_names(net)[id(net[0].bias)]
+        '0.bias'
+    """
+    return {id(p): clean_name(n) for n, p in _unwrap(module).named_parameters()}
+
+
 def group_label(group: Mapping[str, Any], index: int) -> str:
     """The name of the param group at position ``index`` (from 0): its ``"name"``, else ``pg{index + 1}``.
 
@@ -110,7 +125,7 @@ def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     Raises:
         ValueError: a parameter appears twice (it would be updated twice per step).
     """
-    names = {id(p): clean_name(n) for n, p in module.named_parameters()}
+    names = param_names(module)
     seen: dict[int, str] = {}
     layout = []
     for i, group in enumerate(groups):

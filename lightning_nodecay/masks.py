@@ -52,7 +52,7 @@ from torch.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam
 
 from lightning_nodecay._log import log
 from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, Penalty, _unwrap
-from lightning_nodecay.layout import group_label
+from lightning_nodecay.layout import group_label, param_names
 from lightning_nodecay.rules import clean_name
 
 DecayStyle = Literal["coupled", "decoupled"]
@@ -479,7 +479,7 @@ class _Names:
         if module is not None:
             for name, param in _unwrap(module).named_parameters(remove_duplicate=False):
                 self.by_name.setdefault(clean_name(name), param)
-            self._names.update({id(p): n for n, p in reversed(self.by_name.items())})
+            self._names.update(param_names(module))
 
     def of(self, param: Tensor) -> str:
         return self._names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")

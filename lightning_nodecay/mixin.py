@@ -26,6 +26,7 @@ from lightning_nodecay.layout import (
     group_label,
     layout_of,
     misplaced_exclusions,
+    param_names,
     resume_layouts,
     save_layouts,
 )
@@ -271,7 +272,8 @@ class NoDecayMixin:
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Every trainable parameter in exactly one group, nothing else in any group."""
-        names = {id(p): name for name, p in self._module.named_parameters() if p.requires_grad}
+        trainable = {id(p) for p in self._module.parameters() if p.requires_grad}
+        names = {pid: name for pid, name in param_names(self._module).items() if pid in trainable}
         where: dict[int, str] = {}
         for i, group in enumerate(groups):
             label = f"`{group_label(group, i)}`"
