@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_nodecay.groups import DecayDecision, _unwrap
+from lightning_nodecay.groups import _unwrap
 from lightning_nodecay.rules import clean_name
 
 #: Checkpoint key under which :func:`save_layouts` stores one layout per optimizer.
@@ -490,9 +490,3 @@ def _check_unlabelled(states: Sequence[Mapping[str, Any]], optimizers: Sequence[
         UserWarning,
         stacklevel=2,
     )
-
-
-def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterable[DecayDecision]) -> list[str]:
-    """Names of excluded parameters (multiplier 0) that sit in a group with non-zero ``weight_decay``."""
-    excluded = {id(d.param): d.name for d in decisions if d.multiplier == 0}
-    return [excluded[id(p)] for g in groups if g.get("weight_decay") for p in g["params"] if id(p) in excluded]

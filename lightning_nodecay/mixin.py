@@ -25,14 +25,13 @@ from lightning_nodecay.layout import (
     LayoutPolicy,
     group_label,
     layout_of,
-    misplaced_exclusions,
     param_names,
     resume_layouts,
     save_layouts,
 )
 from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
-from lightning_nodecay.safety_net import split_excluded
+from lightning_nodecay.safety_net import misplaced_exclusions, split_excluded
 from lightning_nodecay.summary import DecaySummary, summarize
 
 #: What LightningCLI injects for an ``optimizer: OptimizerCallable`` argument.

@@ -9,7 +9,7 @@ optimizer learn about the new group, so it keeps following the schedule.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch.optim import Optimizer
@@ -48,7 +48,7 @@ def split_excluded(
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups]
         [('decay', 0.1), ('no_decay', 0.0)]
     """
-    excluded = {id(d.param): d.name for d in decisions if d.multiplier == 0}
+    excluded = _excluded(decisions)
     messages = []
     for index, group in enumerate(list(optimizer.param_groups)):
         if not group.get("weight_decay"):
@@ -71,6 +71,25 @@ def split_excluded(
         _extend_schedulers(optimizer, schedulers, index)
         messages.append(f"{what} to new group `{new_group['name']}` with weight_decay=0.0")
     return messages
+
+
+def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterable[DecayDecision]) -> list[str]:
+    """Names of excluded parameters (multiplier 0) that sit in a group with non-zero ``weight_decay``.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> net = nn.Linear(2, 2)
+        >>> misplaced_exclusions([{"params": list(net.parameters()), "weight_decay": 0.1}], decide(net))
+        ['bias']
+    """
+    excluded = _excluded(decisions)
+    return [excluded[id(p)] for g in groups if g.get("weight_decay") for p in g["params"] if id(p) in excluded]
+
+
+def _excluded(decisions: Iterable[DecayDecision]) -> dict[int, str]:
+    """``{id(parameter): name}`` of the parameters excluded from weight decay."""
+    return {id(d.param): d.name for d in decisions if d.multiplier == 0}
 
 
 def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:

@@ -10,13 +10,12 @@ from lightning_nodecay import (
     Layout,
     LayoutMismatchError,
     compare_layouts,
-    decide,
     layout_of,
     param_groups,
     remap_optimizer_state,
     remap_scheduler_state,
 )
-from lightning_nodecay.layout import LAYOUT_KEY, misplaced_exclusions, resume_layouts, save_layouts, source_groups
+from lightning_nodecay.layout import LAYOUT_KEY, resume_layouts, save_layouts, source_groups
 
 
 def small_net():
@@ -268,18 +267,6 @@ def test_resume_layouts_remap_rewrites_the_checkpoint_and_reports():
     assert "`2.weight`: `decay` -> `no_decay`" in message
     after.load_state_dict(checkpoint["optimizer_states"][0])
     assert_same_state(state_by_name(after, net), state_by_name(before, net))
-
-
-def test_misplaced_exclusions_names_excluded_parameters_in_decayed_groups():
-    """Test the check behind the mixin's refusal of decayed exclusions added after fit start."""
-    net = small_net()
-    groups = [
-        {"params": [net[0].weight], "weight_decay": 0.1},
-        {"params": [net[0].bias, net[1].weight], "weight_decay": 0.1},
-    ]
-    assert misplaced_exclusions(groups, decide(net)) == ["0.bias", "1.weight"]
-    groups[1]["weight_decay"] = 0.0
-    assert misplaced_exclusions(groups, decide(net)) == []
 
 
 def test_resume_layouts_error_policy_lists_differences():

@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
 from torch import nn
 
-from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, NoDecayMixin, decide, split_excluded
+from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, NoDecayMixin
 
 
 class ZeroGradModel(NoDecayBoringModel):
@@ -219,17 +219,6 @@ def test_mixin_safety_net_splits_hand_written_optimizer(tmp_path, nodecay_log):
         "NoDecayMixin safety net: SGD group 0: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
         " with weight_decay=0.0."
     ]
-
-
-def test_mixin_safety_net_names_unnamed_groups_like_lr_monitor():
-    """Test that split unnamed groups are named `pg1`, `pg2`, ... by position, as LearningRateMonitor names them."""
-    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    groups = [{"params": net[0].parameters()}, {"params": net[1].parameters()}]
-    optimizer = torch.optim.SGD(groups, lr=0.1, weight_decay=0.1)
-    split_excluded(optimizer, decide(net))
-    assert [g["name"] for g in optimizer.param_groups] == ["pg1", "pg2", "pg1_no_decay", "pg2_no_decay"]
-    a, b = net
-    assert [g["params"] for g in optimizer.param_groups] == [[a.weight], [b.weight], [a.bias], [b.bias]]
 
 
 def test_mixin_safety_net_resume(tmp_path):
