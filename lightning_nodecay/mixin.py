@@ -190,9 +190,7 @@ class NoDecayMixin:
         if self.log_weight_decay_summary and trainer.global_rank == 0:
             masks = {p: m for o in optimizers if (h := attached_masks(o)) for p, m in h.masks.items()}
             log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
-        parent = getattr(super(), "on_fit_start", None)
-        if parent is not None:
-            parent()
+        self._parent_hook("on_fit_start")
 
     def _hook_weight_decay(self, optimizer: Optimizer) -> None:
         """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
@@ -220,24 +218,18 @@ class NoDecayMixin:
                         " subclass `lightning_nodecay.NoDecayFinetuning`, or call"
                         " `lightning_nodecay.unfreeze_and_add_param_groups` in your `finetune_function`."
                     )
-        parent = getattr(super(), "on_train_epoch_start", None)
-        if parent is not None:
-            parent()
+        self._parent_hook("on_train_epoch_start")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the param-group layout of every optimizer in the checkpoint."""
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.optimizers:
             save_layouts(checkpoint, trainer.optimizers, self._module)
-        parent = getattr(super(), "on_save_checkpoint", None)
-        if parent is not None:
-            parent(checkpoint)
+        self._parent_hook("on_save_checkpoint", checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's layout once the optimizers exist (now, or in :meth:`on_fit_start`)."""
-        parent = getattr(super(), "on_load_checkpoint", None)
-        if parent is not None:
-            parent(checkpoint)
+        self._parent_hook("on_load_checkpoint", checkpoint)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or trainer.state.fn != "fit":
             return
@@ -259,6 +251,12 @@ class NoDecayMixin:
         if trainer.global_rank == 0:
             for message in messages:
                 log.warning(f"NoDecayMixin resume: {message}")
+
+    def _parent_hook(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` of the class after the mixin in the MRO (the LightningModule's), if it has one."""
+        parent = getattr(super(), hook, None)
+        if parent is not None:
+            parent(*args)
 
     @property
     def _module(self) -> nn.Module:
