@@ -172,11 +172,11 @@ class NoDecayMixin:
     def on_fit_start(self) -> None:
         """Apply the safety net, check a resumed layout and log the summary, before any step or state restore."""
         trainer = self.trainer
-        for optimizer in trainer.optimizers:
+        optimizers = trainer.optimizers
+        for optimizer in optimizers:
             layout_of(optimizer.param_groups, self._module)  # refuses parameters given twice
         decisions = self.weight_decay_decisions()
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        optimizers = trainer.optimizers
         for optimizer in optimizers:
             for message in split_excluded(optimizer, decisions, schedulers):
                 log.info(f"NoDecayMixin safety net: {message}.")
@@ -192,14 +192,6 @@ class NoDecayMixin:
             log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
         self._parent_hook("on_fit_start")
 
-    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
-        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
-        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
-        if needs_weight_decay_hook(optimizer, masks, decisions):
-            apply_weight_decay_masks(
-                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
-            )
-
     def on_train_epoch_start(self) -> None:
         """Refuse excluded parameters that a callback put in a decayed group since fit start."""
         counts = [len(o.param_groups) for o in self.trainer.optimizers]
@@ -210,9 +202,8 @@ class NoDecayMixin:
                 misplaced = misplaced_exclusions(optimizer.param_groups, decisions)
                 if misplaced:
                     raise ValueError(
-                        f"Parameters excluded from weight decay ({', '.join(f'`{n}`' for n in misplaced[:4])}"
-                        f"{', ...' if len(misplaced) > 4 else ''}) were added to a decayed param group of"
-                        f" `{type(optimizer).__name__}` after fit start, most likely by Lightning's"
+                        f"Parameters excluded from weight decay ({_listed(misplaced)}) were added to a decayed"
+                        f" param group of `{type(optimizer).__name__}` after fit start, most likely by Lightning's"
                         " `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`), which gives"
                         " new groups the optimizer's weight decay. Use `lightning_nodecay.NoDecayBackboneFinetuning`,"
                         " subclass `lightning_nodecay.NoDecayFinetuning`, or call"
@@ -237,6 +228,14 @@ class NoDecayMixin:
             self._resume_layouts(checkpoint)
         else:  # Lightning restores the optimizer state from this same dict after `on_fit_start`
             self._nodecay_checkpoint = checkpoint
+
+    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
+        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
+        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
+        if needs_weight_decay_hook(optimizer, masks, decisions):
+            apply_weight_decay_masks(
+                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
+            )
 
     def _resume_layouts(self, checkpoint: dict[str, Any]) -> None:
         trainer = self.trainer
@@ -292,7 +291,7 @@ class NoDecayMixin:
         if missing:
             raise ValueError(
                 f"`{type(self).__name__}.configure_param_groups()` leaves out trainable parameter(s)"
-                f" {', '.join(f'`{n}`' for n in missing[:5])}; they would never be trained. Put every"
+                f" {_listed(missing)}; they would never be trained. Put every"
                 " trainable parameter in a group, or freeze it with `requires_grad_(False)`."
             )
         if not groups:
@@ -326,6 +325,11 @@ class NoDecayMixin:
                 " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
                 " accepts param groups, as every `torch.optim` optimizer does."
             )
+
+
+def _listed(names: Sequence[str], shown: int = 4) -> str:
+    """The first ``shown`` names in backticks, then ``...`` if there are more."""
+    return ", ".join([f"`{name}`" for name in names[:shown]] + ["..."] * (len(names) > shown))
 
 
 def _materialize(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
