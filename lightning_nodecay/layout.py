@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -29,7 +29,6 @@ from lightning_nodecay.rules import clean_name
 LAYOUT_KEY = "lightning_nodecay_layouts"
 
 LayoutPolicy = Literal["remap", "error"]
-_POLICIES = ("remap", "error")
 
 #: Keys of a param group that belong to the current code's weight-decay decision, not to the
 #: optimizer's trajectory: a group built from other groups' state keeps its own values of these.
@@ -400,7 +399,7 @@ def resume_layouts(
             be remapped), or a checkpoint without layouts cannot fit the current groups.
         ValueError: ``on_layout_change`` is not one of ``"remap"``, ``"error"``.
     """
-    if on_layout_change not in _POLICIES:
+    if on_layout_change not in get_args(LayoutPolicy):
         raise ValueError(
             f"`on_layout_change` is {on_layout_change!r}; choose `'remap'` (move optimizer state by parameter"
             " name) or `'error'` (refuse to resume when the param groups changed)."

@@ -44,7 +44,7 @@ import difflib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import Tensor, nn
@@ -378,7 +378,7 @@ def _check_placement(optimizer: Optimizer, param: Tensor, index: int | None, nam
 
 def _penalty(optimizer: Optimizer, index: int) -> Penalty:
     penalty = optimizer.param_groups[index].get(PENALTY_KEY, "l2")
-    if penalty not in ("l2", "l1"):
+    if penalty not in get_args(Penalty):
         raise ValueError(
             f"Group {_group_label(optimizer, index)} of `{type(optimizer).__name__}` has"
             f" `{PENALTY_KEY}={penalty!r}`; use 'l2' (weight decay) or 'l1'."
@@ -412,7 +412,7 @@ def _style(optimizer: Optimizer, index: int, declared: DecayStyle | None) -> Dec
                 ' with `NoDecayMixin` set `weight_decay_style = "coupled"` or `"decoupled"`.'
             )
         return known
-    if declared not in ("coupled", "decoupled"):
+    if declared not in get_args(DecayStyle):
         raise ValueError(f"`decay_style` must be 'coupled' or 'decoupled'; got {declared!r}.")
     if known is not None and known != declared:
         raise ValueError(
