@@ -270,7 +270,10 @@ def remap_optimizer_state(
     saved_groups = state_dict["param_groups"]
     _check_matches_state(saved, saved_groups)
     if len(current.groups) != len(current_groups):
-        raise ValueError(f"`current` has {len(current.groups)} groups, the optimizer {len(current_groups)}.")
+        raise ValueError(
+            f"`current` has {len(current.groups)} groups but `current_groups` {len(current_groups)}; pass the"
+            " layout of the optimizer that will load the state: `layout_of(optimizer.param_groups, module)`."
+        )
     saved_ids = {
         name: pid
         for g, sg in zip(saved.groups, saved_groups, strict=True)
@@ -298,8 +301,8 @@ def remap_optimizer_state(
 def _check_matches_state(saved: Layout, saved_groups: Sequence[Mapping[str, Any]]) -> None:
     if [len(g.params) for g in saved.groups] != [len(g["params"]) for g in saved_groups]:
         raise ValueError(
-            "The checkpoint's saved layout does not match its optimizer state (different group sizes);"
-            " the checkpoint was edited or is corrupt."
+            "The checkpoint's saved layout does not match its optimizer state (different group sizes): the"
+            " checkpoint was edited or is corrupt. Resume from another checkpoint, or " + _WEIGHTS_ONLY
         )
 
 

@@ -523,7 +523,10 @@ class _Names:
             trainable = [n for n, p in self.by_name.items() if p.requires_grad]
             close = difflib.get_close_matches(key, trainable, n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
-            raise ValueError(f"Weight-decay mask for unknown parameter `{key}`.{hint}")
+            raise ValueError(
+                f"Weight-decay mask for unknown parameter `{key}`.{hint} Key masks by the names of"
+                " `module.named_parameters()`."
+            )
         if not param.requires_grad:
             raise ValueError(
                 f"Parameter `{key}` has a weight-decay mask but is frozen (requires_grad=False), so it is"

@@ -305,7 +305,8 @@ class NoDecayMixin:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"`{type(self).__name__}.optimizer` must return a `torch.optim.Optimizer` when called with"
-                f" param groups; it returned {type(optimizer).__name__}."
+                f" param groups; it returned {type(optimizer).__name__}. Set it to an optimizer class or a"
+                " `functools.partial` of one, e.g. `functools.partial(torch.optim.AdamW, lr=1e-3)`."
             )
         label = type(optimizer).__name__
         if "weight_decay" not in optimizer.defaults:

@@ -201,8 +201,8 @@ CATALOGUE = [
     pytest.param(
         lambda: Model(optimizer=lambda groups: groups).configure_optimizers(),
         TypeError,
-        r"`Model.optimizer` must return a `torch.optim.Optimizer`",
-        r"when called with param groups; it returned list",
+        r"`Model.optimizer` must return a `torch.optim.Optimizer` when called with param groups; it returned list",
+        r"Set it to an optimizer class or a `functools.partial` of one",
         id="optimizer-returns-no-optimizer",
     ),
     pytest.param(
