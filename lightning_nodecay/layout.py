@@ -46,12 +46,32 @@ _WEIGHTS_ONLY = (
 
 
 class LayoutMismatchError(RuntimeError):
-    """The optimizer's param groups differ from the checkpoint's, and the state cannot be moved safely."""
+    """The optimizer's param groups differ from the checkpoint's, and the state cannot be moved safely.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> before = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> checkpoint = {"optimizer_states": [before.state_dict()]}
+        >>> save_layouts(checkpoint, [before], net)
+        >>> after = torch.optim.SGD([{"params": [net.bias]}, {"params": [net.weight]}], lr=0.1)
+        >>> resume_layouts(checkpoint, [after], net, on_layout_change="error")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_nodecay.layout.LayoutMismatchError: The param groups differ from the checkpoint's, ...
+    """
 
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """One param group: its name and the cleaned names of its parameters, in order."""
+    """One param group: its name and the cleaned names of its parameters, in order.
+
+    Example:
+        >>> group = GroupLayout("no_decay", ("0.bias", "1.weight"))
+        >>> group.name, group.params
+        ('no_decay', ('0.bias', '1.weight'))
+    """
 
     name: str
     params: tuple[str, ...]
@@ -123,6 +143,14 @@ def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
 
     Raises:
         ValueError: a parameter appears twice (it would be updated twice per step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD([{"params": [net.weight]}, {"params": [net.bias], "name": "biases"}], lr=0.1)
+        >>> layout_of(optimizer.param_groups, net).groups
+        (GroupLayout(name='pg1', params=('weight',)), GroupLayout(name='biases', params=('bias',)))
     """
     names = param_names(module)
     seen: dict[int, str] = {}
@@ -155,6 +183,11 @@ class LayoutDiff:
         moved: ``(parameter, saved group, current group)`` for every parameter that changed group.
         added: ``(parameter, current group)`` for parameters the checkpoint has no state for.
         dropped: ``(parameter, saved group)`` for parameters no current group holds.
+
+    Example:
+        >>> diff = compare_layouts(Layout((GroupLayout("decay", ("w", "b")),)), Layout((GroupLayout("decay", ("w",)),)))
+        >>> bool(diff), diff.dropped
+        (True, (('b', 'decay'),))
     """
 
     saved: Layout
@@ -333,6 +366,12 @@ def remap_scheduler_state(
         current_state: ``state_dict()`` of the current scheduler (built for the current groups).
         sources: :func:`source_groups` of the saved and current layouts.
         saved_groups: number of groups of the saved layout.
+
+    Example:
+        >>> saved = {"base_lrs": [0.1, 0.2], "_last_lr": [0.05, 0.1], "last_epoch": 1}
+        >>> current = {"base_lrs": [0.1, 0.1, 0.3], "_last_lr": [0.1, 0.1, 0.3], "last_epoch": 0}
+        >>> remap_scheduler_state(saved, current, sources=[1, 0, None], saved_groups=2)
+        {'base_lrs': [0.2, 0.1, 0.3], '_last_lr': [0.1, 0.05, 0.3], 'last_epoch': 1}
     """
     out = dict(state)
     for key, values in per_group_lists(state, saved_groups).items():

@@ -55,6 +55,8 @@ from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, Penalty, _unwra
 from lightning_nodecay.layout import group_label, param_names
 from lightning_nodecay.rules import clean_name
 
+#: How an optimizer applies weight decay: added to the gradient (``"coupled"``) or shrinking the weights
+#: (``"decoupled"``).
 DecayStyle = Literal["coupled", "decoupled"]
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # noqa: UP007 (what `torch._foreach_*` takes)
 #: Masks keyed by parameter name (needs ``module``), by parameter, or both.
@@ -139,7 +141,18 @@ def apply_weight_decay_masks(
 
 
 def attached_masks(optimizer: Optimizer) -> WeightDecayMasks | None:
-    """The handle of the masks applied to ``optimizer``, or ``None``."""
+    """The handle of the masks applied to ``optimizer``, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> weight = torch.nn.Parameter(torch.ones(2, 2))
+        >>> optimizer = torch.optim.SGD([weight], lr=0.1, weight_decay=0.1)
+        >>> attached_masks(optimizer) is None
+        True
+        >>> handle = apply_weight_decay_masks(optimizer, {weight: torch.eye(2)})
+        >>> attached_masks(optimizer) is handle
+        True
+    """
     return _ATTACHED.get(optimizer)
 
 
@@ -157,6 +170,18 @@ class WeightDecayMasks:
 
     Attributes:
         names: ``{parameter: name}`` of the masked parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
+        >>> handle = apply_weight_decay_masks(optimizer, {"weight": torch.tensor([[1.0], [0.0]])}, module=net)
+        >>> {name: mask.flatten().tolist() for name, mask in handle.named_masks().items()}
+        {'weight': [1.0, 0.0]}
+        >>> handle.remove()
+        >>> optimizer.param_groups[0]["weight_decay"]
+        0.1
     """
 
     def __init__(self, optimizer: Optimizer, groups: list[_HookedGroup], names: _Names) -> None:

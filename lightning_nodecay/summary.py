@@ -25,6 +25,12 @@ class GroupSummary:
         penalty: ``"l2"`` or ``"l1"``.
         mask_share: share of the elements that belong to parameters with a per-element mask.
         effective_multiplier: element-weighted mean multiplier of the group, masks included.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> [(g.name, g.multiplier, g.tensors, g.elements) for g in summarize(decide(nn.Linear(4, 2))).groups]
+        [('decay', 1.0, 1, 8), ('no_decay', 0.0, 1, 2)]
     """
 
     name: str
@@ -43,6 +49,12 @@ class DecaySummary:
     Attributes:
         groups: one entry per param group, in group order.
         reasons: ``{reason: [parameter names]}`` for every rule that fired (``default`` left out).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> summarize(decide(nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2)))).reasons
+        {'name pattern `bias`': ['0.bias'], 'module type `LayerNorm`': ['1.weight', '1.bias']}
     """
 
     groups: list[GroupSummary]
