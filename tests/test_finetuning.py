@@ -158,6 +158,15 @@ def test_unfreeze_and_add_param_groups_train_bn_false_leaves_batchnorm_out():
     }
 
 
+def test_no_decay_finetuning_filter_on_optimizer_by_identity():
+    """Test that `filter_on_optimizer` drops only the parameters the optimizer holds, not ones equal in value."""
+    model, optimizer = frozen_backbone(Model())
+    fresh_norm, head_norm = model.backbone[1].weight, model.head[1].weight  # both all ones
+    assert torch.equal(fresh_norm, head_norm)
+    kept = NoDecayFinetuning.filter_on_optimizer(optimizer, [head_norm, fresh_norm])
+    assert [id(p) for p in kept] == [id(fresh_norm)]
+
+
 def fit(tmp_path, model, callback, max_epochs, ckpt_path=None, checkpoint=True):
     callbacks = [callback] + (
         [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)] if checkpoint else []
