@@ -3,7 +3,14 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
+from helpers import (
+    RandomDataset,
+    assert_same_state,
+    group_names,
+    lightning_pytorch_model,
+    state_by_name,
+    trainer_kwargs,
+)
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -53,11 +60,6 @@ class Model(NoDecayMixin, Plain):
 def frozen_backbone(model):
     model.backbone.requires_grad_(False)
     return model, model.configure_optimizers()
-
-
-def group_names(optimizer, model):
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {g.get("name"): [names[id(p)] for p in g["params"]] for g in optimizer.param_groups}
 
 
 def assert_each_trainable_parameter_once(optimizer, model):
@@ -217,11 +219,6 @@ def test_lightning_backbone_finetuning_with_the_mixin_is_refused(tmp_path):
         assert torch.equal(param, backbone[name]), name
 
 
-def state_by_name(optimizer, module):
-    names = {id(p): n for n, p in module.named_parameters()}
-    return {names[id(p)]: s for p, s in optimizer.state.items()}
-
-
 @pytest.mark.parametrize("checkpoint_epoch", [0, 2])
 def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_log, checkpoint_epoch):
     """Test resuming before or after the unfreeze: same groups, bit-identical state and weights, layout accepted."""
@@ -232,14 +229,9 @@ def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_
     callback = NoDecayBackboneFinetuning(unfreeze_backbone_at_epoch=1)
     resumed_trainer = fit(tmp_path / "b", resumed, callback, 4, ckpt_path=ckpt_path, checkpoint=False)
     assert group_names(resumed_trainer.optimizers[0], resumed) == group_names(trainer.optimizers[0], uninterrupted)
-    expected, got = (
-        state_by_name(trainer.optimizers[0], uninterrupted),
-        state_by_name(resumed_trainer.optimizers[0], resumed),
+    assert_same_state(
+        state_by_name(resumed_trainer.optimizers[0], resumed), state_by_name(trainer.optimizers[0], uninterrupted)
     )
-    assert got.keys() == expected.keys()
-    for name, state in expected.items():
-        for key, value in state.items():
-            assert torch.equal(got[name][key], value), (name, key)
     for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert not [r for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
@@ -286,21 +278,7 @@ def test_no_decay_finetuning_subclass_drop_in(tmp_path):
 def test_backbone_finetuning_with_lightning_namespace(tmp_path):
     """Test that the same callback works with a `lightning.pytorch` Trainer and LightningModule."""
     lightning = pytest.importorskip("lightning")
-
-    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-            self.head = nn.Linear(4, 1)
-            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-
-        def training_step(self, batch, batch_idx):
-            return self.head(self.backbone(batch)).pow(2).mean()
-
-        def train_dataloader(self):
-            return DataLoader(torch.randn(4, 4), batch_size=4)
-
-    model = Net()
+    model = lightning_pytorch_model()
     kwargs = trainer_kwargs(tmp_path, max_steps=-1, max_epochs=2, callbacks=[NoDecayBackboneFinetuning(1)])
     trainer = lightning.pytorch.Trainer(**kwargs)
     trainer.fit(model)

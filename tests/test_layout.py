@@ -2,6 +2,7 @@ import io
 
 import pytest
 import torch
+from helpers import assert_same_state, state_by_name
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -30,19 +31,6 @@ def train(optimizer, params, steps=3, seed=1):
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator)
         optimizer.step()
-
-
-def state_by_name(optimizer, module):
-    names = {id(p): n for n, p in module.named_parameters()}
-    return {names[id(p)]: s for p, s in optimizer.state.items()}
-
-
-def assert_same_state(got, expected):
-    assert got.keys() == expected.keys()
-    for name, state in expected.items():
-        assert got[name].keys() == state.keys(), name
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(got[name][key]), torch.as_tensor(value)), (name, key)
 
 
 def test_layout_of_names_groups_and_parameters():

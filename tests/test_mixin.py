@@ -4,7 +4,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import BoringModel, NoDecayBoringModel, trainer_kwargs
+from helpers import BoringModel, NoDecayBoringModel, group_names, lightning_pytorch_model, trainer_kwargs
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
@@ -278,25 +278,13 @@ def test_mixin_user_on_fit_start_chain_kept(tmp_path):
 def test_mixin_with_lightning_namespace(tmp_path):
     """Test that the same mixin works in a `lightning.pytorch` LightningModule and Trainer."""
     lightning = pytest.importorskip("lightning")
-
-    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch).pow(2).mean()
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4)
-
+    model = lightning_pytorch_model()
     trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
-    trainer.fit(Net())
-    assert [(g["name"], len(g["params"])) for g in trainer.optimizers[0].param_groups] == [
-        ("decay", 1),
-        ("no_decay", 3),
-    ]
+    trainer.fit(model)
+    assert group_names(trainer.optimizers[0], model) == {
+        "decay": ["backbone.0.weight", "head.weight"],
+        "no_decay": ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias", "head.bias"],
+    }
 
 
 def test_boring_model_without_mixin_untouched(tmp_path):
