@@ -324,21 +324,6 @@ def test_param_groups_pattern_matching_only_frozen_parameters_is_not_a_typo():
     assert all("pos_embed" not in names for names in groups.values())
 
 
-def test_param_groups_bad_no_weight_decay_return_value():
-    """Test that `no_weight_decay()` returning a bare string raises naming the class."""
-
-    class Bad(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1))
-
-        def no_weight_decay(self):
-            return "w"
-
-    with pytest.raises(TypeError, match=r"`Bad.no_weight_decay\(\)` must return a set of parameter names"):
-        param_groups(Bad())
-
-
 def test_param_groups_multipliers_need_weight_decay():
     """Test that multiplier groups without a base `weight_decay` raise instead of silently using 1x."""
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
