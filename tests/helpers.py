@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_nodecay import NoDecayMixin, OptimizerCallable
+from lightning_nodecay import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 torch.set_num_threads(1)
@@ -80,13 +80,20 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
 
 
 class TwoLayerModel(NoDecayMixin, pl.LightningModule):
-    """``Linear(32, 4) -> tanh -> Linear(4, 2)``, the mixin building ``optimizer``; the loss pulls the output to 1."""
+    """``Linear(32, 4) -> tanh -> Linear(4, 2)``; the loss pulls the output to 1.
 
-    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW) -> None:
+    The optimizer and scheduler are ``__init__`` arguments for the mixin to build, LightningCLI's dependency
+    injection pattern (``--model.optimizer=...``).
+    """
+
+    def __init__(
+        self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body, self.head = nn.Linear(32, 4), nn.Linear(4, 2)
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return (self.head(torch.tanh(self.body(batch))) - 1).pow(2).mean()
@@ -119,6 +126,14 @@ class NoDecayLayerNormNet(NoDecayMixin, LayerNormNet):
         self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
         for name, value in declarations.items():
             setattr(self, name, value)
+
+
+def run_cli(model_class: type, tmp_path, *args: str, max_steps: int = 2) -> Any:
+    """``LightningCLI(model_class)`` running ``fit`` with the Trainer of :func:`trainer_kwargs` and ``args``."""
+    from pytorch_lightning.cli import LightningCLI
+
+    trainer_args = [f"--trainer.{k}={v}" for k, v in trainer_kwargs(tmp_path, max_steps=max_steps).items()]
+    return LightningCLI(model_class, args=["fit", *trainer_args, *args], save_config_callback=None)
 
 
 def fit_with_checkpoints(tmp_path, model, max_steps, ckpt_path=None, callbacks=(), **overrides) -> pl.Trainer:

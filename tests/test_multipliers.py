@@ -7,8 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import FIT_OPTIMIZERS, OPTIMIZERS, TwoLayerModel, assert_close, train, trainer_kwargs
-from pytorch_lightning.cli import LightningCLI
+from helpers import FIT_OPTIMIZERS, OPTIMIZERS, TwoLayerModel, assert_close, run_cli, train, trainer_kwargs
 from torch import nn
 
 from lightning_nodecay import decide, group_name, param_groups, summarize
@@ -74,12 +73,8 @@ def test_multipliers_mixin_rule_equals_hand_built_group_in_trainer_fit(tmp_path,
 
 def test_multipliers_follow_cli_weight_decay(tmp_path):
     """Test that `--model.optimizer.weight_decay` from LightningCLI scales the multiplier groups."""
-    args = [f"--trainer.{k}={v}" for k, v in trainer_kwargs(tmp_path, max_steps=1).items()]
-    cli = LightningCLI(
-        Ruled,
-        args=["fit", *args, "--model.optimizer=SGD", "--model.optimizer.lr=0.1", "--model.optimizer.weight_decay=0.3"],
-        save_config_callback=None,
-    )
+    args = ["--model.optimizer=SGD", "--model.optimizer.lr=0.1", "--model.optimizer.weight_decay=0.3"]
+    cli = run_cli(Ruled, tmp_path, *args, max_steps=1)
     groups = cli.trainer.optimizers[0].param_groups
     assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.3), ("no_decay", 0.0), ("decay_x2", 0.6)]
 
