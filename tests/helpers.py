@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from typing import Any
 
 import pytorch_lightning as pl
@@ -198,6 +199,24 @@ def assert_same_state(got: dict[str, dict[str, Any]], expected: dict[str, dict[s
         assert got[name].keys() == state.keys(), name
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(got[name][key]), torch.as_tensor(value)), (name, key)
+
+
+def assert_same_training(
+    trainer: pl.Trainer, model: nn.Module, expected_trainer: pl.Trainer, expected: nn.Module
+) -> None:
+    """Assert that ``model`` ends with exactly the optimizer state and weights of ``expected``."""
+    assert_same_state(
+        state_by_name(trainer.optimizers[0], model), state_by_name(expected_trainer.optimizers[0], expected)
+    )
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class StateAtTrainStart(pl.Callback):

@@ -5,10 +5,9 @@ import pytorch_lightning as pl
 import torch
 from helpers import (
     RandomDataset,
-    assert_same_state,
+    assert_same_training,
     group_names,
     lightning_pytorch_model,
-    state_by_name,
     trainer_kwargs,
 )
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
@@ -229,11 +228,7 @@ def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_
     callback = NoDecayBackboneFinetuning(unfreeze_backbone_at_epoch=1)
     resumed_trainer = fit(tmp_path / "b", resumed, callback, 4, ckpt_path=ckpt_path, checkpoint=False)
     assert group_names(resumed_trainer.optimizers[0], resumed) == group_names(trainer.optimizers[0], uninterrupted)
-    assert_same_state(
-        state_by_name(resumed_trainer.optimizers[0], resumed), state_by_name(trainer.optimizers[0], uninterrupted)
-    )
-    for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters(), strict=True):
-        assert torch.equal(p, q), name
+    assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
     assert not [r for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
     saved = Layout.from_state(torch.load(ckpt_path, weights_only=True)[LAYOUT_KEY][0])  # what the check compared
     final = layout_of(resumed_trainer.optimizers[0].param_groups, resumed)

@@ -7,6 +7,7 @@ from helpers import (
     NoDecayLayerNormNet,
     StateAtTrainStart,
     assert_same_state,
+    assert_same_training,
     fit_with_checkpoints,
     lightning_pytorch_model,
     state_by_name,
@@ -39,11 +40,7 @@ def test_resume_identical_code_matches_uninterrupted_run(tmp_path, nodecay_log):
         tmp_path / "b", resumed, max_steps=6, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt"
     )
     assert resumed_trainer.global_step == 6
-    assert_same_state(
-        state_by_name(resumed_trainer.optimizers[0], resumed), state_by_name(trainer.optimizers[0], uninterrupted)
-    )
-    for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters(), strict=True):
-        assert torch.equal(p, q), name
+    assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
     assert [g["lr"] for g in resumed_trainer.optimizers[0].param_groups] == [
         g["lr"] for g in trainer.optimizers[0].param_groups
     ]
