@@ -22,7 +22,6 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-from lightning_nodecay.groups import _unwrap
 from lightning_nodecay.rules import clean_name
 
 #: Checkpoint key under which :func:`save_layouts` stores one layout per optimizer.
@@ -108,10 +107,11 @@ class Layout:
 
 
 def param_names(module: nn.Module) -> dict[int, str]:
-    """``{id(parameter): name}`` of the parameters of ``module``, named as :func:`~lightning_nodecay.decide` names them.
+    """``{id(parameter): name}`` of the parameters of ``module``: qualified names without wrapper segments.
 
-    Names are cleaned of wrapper segments (:func:`~lightning_nodecay.clean_name`) and of pure wrapping modules
-    (DDP's ``module.``); a parameter reached through several paths is named by the first.
+    Names are cleaned as :func:`~lightning_nodecay.clean_name` cleans them; a parameter reached through several
+    paths is named by the first. Pass ``module`` unwrapped (not DDP's wrapper) for the names of
+    :func:`~lightning_nodecay.decide`.
 
     Example:
         >>> from torch import nn
@@ -119,7 +119,7 @@ def param_names(module: nn.Module) -> dict[int, str]:
         >>> param_names(net)[id(net[0].bias)]
         '0.bias'
     """
-    return {id(p): clean_name(n) for n, p in _unwrap(module).named_parameters()}
+    return {id(p): clean_name(n) for n, p in module.named_parameters()}
 
 
 def group_label(group: Mapping[str, Any], index: int) -> str:

@@ -504,7 +504,7 @@ class _Names:
         if module is not None:
             for name, param in _unwrap(module).named_parameters(remove_duplicate=False):
                 self.by_name.setdefault(clean_name(name), param)
-            self._names.update(param_names(module))
+            self._names.update(param_names(_unwrap(module)))
 
     def of(self, param: Tensor) -> str:
         return self._names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
