@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_nodecay._log import log
+from lightning_nodecay._log import listed, log
 from lightning_nodecay.groups import (
     DecayDecision,
     MultiplierKey,
@@ -202,11 +202,12 @@ class NoDecayMixin:
                 misplaced = misplaced_exclusions(optimizer.param_groups, decisions)
                 if misplaced:
                     raise ValueError(
-                        f"Parameters excluded from weight decay ({_listed(misplaced)}) were added to a decayed"
-                        f" param group of `{type(optimizer).__name__}` after fit start, most likely by Lightning's"
-                        " `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`), which gives"
-                        " new groups the optimizer's weight decay. Use `lightning_nodecay.NoDecayBackboneFinetuning`,"
-                        " subclass `lightning_nodecay.NoDecayFinetuning`, or call"
+                        f"Parameters excluded from weight decay ({listed(misplaced, quoted=True)}) were added to a"
+                        f" decayed param group of `{type(optimizer).__name__}` after fit start, most likely by"
+                        " Lightning's `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`),"
+                        " which gives new groups the optimizer's weight decay. Use"
+                        " `lightning_nodecay.NoDecayBackboneFinetuning`, subclass"
+                        " `lightning_nodecay.NoDecayFinetuning`, or call"
                         " `lightning_nodecay.unfreeze_and_add_param_groups` in your `finetune_function`."
                     )
         self._parent_hook("on_train_epoch_start")
@@ -291,7 +292,7 @@ class NoDecayMixin:
         if missing:
             raise ValueError(
                 f"`{type(self).__name__}.configure_param_groups()` leaves out trainable parameter(s)"
-                f" {_listed(missing)}; they would never be trained. Put every"
+                f" {listed(missing, quoted=True)}; they would never be trained. Put every"
                 " trainable parameter in a group, or freeze it with `requires_grad_(False)`."
             )
         if not groups:
@@ -326,11 +327,6 @@ class NoDecayMixin:
                 " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
                 " accepts param groups, as every `torch.optim` optimizer does."
             )
-
-
-def _listed(names: Sequence[str], shown: int = 4) -> str:
-    """The first ``shown`` names in backticks, then ``...`` if there are more."""
-    return ", ".join([f"`{name}`" for name in names[:shown]] + ["..."] * (len(names) > shown))
 
 
 def _materialize(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_nodecay._log import listed
 from lightning_nodecay.groups import NO_DECAY, DecayDecision
 from lightning_nodecay.layout import group_label, per_group_lists
 
@@ -56,7 +57,7 @@ def split_excluded(
         moving = [p for p in group["params"] if id(p) in excluded]
         if not moving:
             continue
-        names = ", ".join(excluded[id(p)] for p in moving[:4]) + (", ..." if len(moving) > 4 else "")
+        names = listed([excluded[id(p)] for p in moving])
         plural = "s" * (len(moving) > 1)
         what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{plural} ({names})"
         if len(moving) == len(group["params"]):

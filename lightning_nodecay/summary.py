@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from lightning_nodecay._log import listed
 from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, groups_from_decisions
 from lightning_nodecay.masks import Masks
-
-_SHOWN_NAMES = 4
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,7 @@ class DecaySummary:
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(" |") for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         for reason, names in self.reasons.items():
-            shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
-            lines.append(f"{reason}: {len(names)} tensor{'s' * (len(names) != 1)} ({shown})")
+            lines.append(f"{reason}: {len(names)} tensor{'s' * (len(names) != 1)} ({listed(names)})")
         return "\n".join(lines)
 
 
