@@ -212,6 +212,11 @@ def assert_same_training(
         assert torch.equal(p, q), name
 
 
+def log_lines(log: Any, containing: str) -> list[str]:
+    """The messages captured by the ``nodecay_log`` fixture that contain ``containing``."""
+    return [r.getMessage() for r in log.records if containing in r.getMessage()]
+
+
 def free_port() -> int:
     """A TCP port on localhost that is free now, for a gloo rendezvous."""
     with socket.socket() as s:

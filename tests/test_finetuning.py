@@ -3,13 +3,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import (
-    RandomDataset,
-    assert_same_training,
-    group_names,
-    lightning_pytorch_model,
-    trainer_kwargs,
-)
+from helpers import RandomDataset, assert_same_training, group_names, lightning_pytorch_model, log_lines, trainer_kwargs
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -229,7 +223,7 @@ def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_
     resumed_trainer = fit(tmp_path / "b", resumed, callback, 4, ckpt_path=ckpt_path, checkpoint=False)
     assert group_names(resumed_trainer.optimizers[0], resumed) == group_names(trainer.optimizers[0], uninterrupted)
     assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
-    assert not [r for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
+    assert not log_lines(nodecay_log, "NoDecayMixin resume")
     saved = Layout.from_state(torch.load(ckpt_path, weights_only=True)[LAYOUT_KEY][0])  # what the check compared
     final = layout_of(resumed_trainer.optimizers[0].param_groups, resumed)
     assert final.groups[: len(saved.groups)] == saved.groups

@@ -4,7 +4,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import BoringModel, NoDecayBoringModel, group_names, lightning_pytorch_model, trainer_kwargs
+from helpers import BoringModel, NoDecayBoringModel, group_names, lightning_pytorch_model, log_lines, trainer_kwargs
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
@@ -159,7 +159,7 @@ def test_mixin_safety_net_splits_hand_written_optimizer(tmp_path, nodecay_log):
     torch.testing.assert_close(
         model.layer.weight.detach(), weight * (1 - 0.5 * 0.2) * (1 - 0.25 * 0.2) * (1 - 0.125 * 0.2)
     )
-    split_lines = [r.getMessage() for r in nodecay_log.records if "safety net" in r.getMessage()]
+    split_lines = log_lines(nodecay_log, "safety net")
     assert split_lines == [
         "NoDecayMixin safety net: SGD group 0: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
         " with weight_decay=0.0."
@@ -182,14 +182,14 @@ def test_mixin_safety_net_leaves_correct_optimizers_alone(tmp_path, nodecay_log)
     """Test that an optimizer built by the mixin is not touched and no split is logged."""
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
     trainer.fit(NoDecayBoringModel())
-    assert not [r for r in nodecay_log.records if "safety net" in r.getMessage()]
+    assert not log_lines(nodecay_log, "safety net")
     assert len(trainer.optimizers[0].param_groups) == 2
 
 
 def test_mixin_summary_logged_once_at_fit_start(tmp_path, nodecay_log):
     """Test that the group summary is logged once per fit, and can be switched off."""
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(NoDecayBoringModel())
-    summaries = [r.getMessage() for r in nodecay_log.records if "Weight decay groups" in r.getMessage()]
+    summaries = log_lines(nodecay_log, "Weight decay groups")
     assert len(summaries) == 1
     assert "decay    | x1    | 1       | 64" in summaries[0]
     assert "name pattern `bias`: 1 tensor (layer.bias)" in summaries[0]
@@ -197,7 +197,7 @@ def test_mixin_summary_logged_once_at_fit_start(tmp_path, nodecay_log):
     model = NoDecayBoringModel()
     model.log_weight_decay_summary = False
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(model)
-    assert not [r for r in nodecay_log.records if "Weight decay groups" in r.getMessage()]
+    assert not log_lines(nodecay_log, "Weight decay groups")
 
 
 def test_mixin_summary_as_data():

@@ -10,6 +10,7 @@ from helpers import (
     assert_same_training,
     fit_with_checkpoints,
     lightning_pytorch_model,
+    log_lines,
     state_by_name,
     trainer_kwargs,
 )
@@ -27,10 +28,6 @@ class ResumeModel(NoDecayLayerNormNet):
     lr_scheduler_config = {"interval": "step"}  # noqa: RUF012
 
 
-def resume_lines(log):
-    return [r.getMessage() for r in log.records if "NoDecayMixin resume" in r.getMessage()]
-
-
 def test_resume_identical_code_matches_uninterrupted_run(tmp_path, nodecay_log):
     """Test that resuming mid-run with the same code gives bit-identical optimizer state and weights."""
     uninterrupted = ResumeModel()
@@ -44,7 +41,7 @@ def test_resume_identical_code_matches_uninterrupted_run(tmp_path, nodecay_log):
     assert [g["lr"] for g in resumed_trainer.optimizers[0].param_groups] == [
         g["lr"] for g in trainer.optimizers[0].param_groups
     ]
-    assert resume_lines(nodecay_log) == []
+    assert log_lines(nodecay_log, "NoDecayMixin resume") == []
 
 
 def test_resume_checkpoint_records_the_layout_after_the_safety_net(tmp_path):
@@ -107,7 +104,7 @@ def test_resume_changed_exclusions_remap_state_by_name(tmp_path, nodecay_log, de
     assert [(name, wd) for name, _, wd in probe.groups] == [(n, pytest.approx(weight_decay[n])) for n, _ in groups]
     assert trainer.global_step == 6
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [pytest.approx(LR * GAMMA**6)] * len(groups)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert moved in line
 
 
@@ -129,7 +126,7 @@ def test_resume_new_and_dropped_parameters_reported(tmp_path, nodecay_log):
     assert "net.2.bias" not in probe.state
     probe.state.pop("net.2.bias", None)
     assert_same_state(probe.state, saved)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "`net.2.bias`: new in `no_decay`, starts with fresh state" in line
     assert "`net.1.weight`: no longer in any group (was in `no_decay`), its state is dropped" in line
 
@@ -239,5 +236,5 @@ def test_resume_remap_with_lightning_namespace(tmp_path, nodecay_log):
     trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[probe]))
     trainer.fit(resumed, ckpt_path=checkpoint.last_model_path)
     assert_same_state(probe.state, saved)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "groups `decay`, `no_decay` -> `no_decay`" in line

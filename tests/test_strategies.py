@@ -7,6 +7,7 @@ from helpers import (
     assert_same_state,
     fit_with_checkpoints,
     group_names,
+    log_lines,
     state_by_name,
     trainer_kwargs,
 )
@@ -82,7 +83,7 @@ def test_group_emptied_by_freezing_on_resume_is_remapped(tmp_path, nodecay_log):
     trainer = fit_with_checkpoints(tmp_path, model, max_steps=3, ckpt_path=tmp_path / "epoch=1-step=2.ckpt")
     assert list(group_names(trainer.optimizers[0], model)) == ["no_decay"]
     assert trainer.global_step == 3
-    [line] = [r.getMessage() for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "groups `decay`, `no_decay` -> `no_decay`" in line
     assert "`net.0.weight`: no longer in any group (was in `decay`), its state is dropped" in line
 
