@@ -549,8 +549,8 @@ class _Names:
             close = difflib.get_close_matches(key, trainable, n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
             raise ValueError(
-                f"Weight-decay mask for unknown parameter `{key}`.{hint} Key masks by the names of"
-                " `module.named_parameters()`."
+                f"Weight-decay mask for unknown parameter `{key}`.{hint} Key masks by the parameter names that"
+                " `lightning_nodecay.decide(module)` reports (`named_parameters()` without wrapper segments)."
             )
         if not param.requires_grad:
             raise ValueError(
