@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _bench import print_table
 from torch import nn
 
 from lightning_nodecay import apply_weight_decay_masks
@@ -124,16 +125,19 @@ def main() -> None:
     iterations = interleaved_median_ms({name: runs[1] for name, runs in prepared.items()}, args.repeats)
     results = {name: (steps[name], iterations[name]) for name in setups}
     print(f"10M float32 parameters, 5M masked; torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}")
-    header = ("approach", "step ms", "vs plain", "decay ms", "iteration ms", "vs plain")
-    print(" | ".join(f"{h:<16}" if i == 0 else f"{h:>{max(8, len(h))}}" for i, h in enumerate(header)))
-    print("-" * 79)
     base_step, base_iter = results["plain"]
-    for name, (step_ms, iter_ms) in results.items():
-        decay_ms = step_ms - results["no decay"][0]
-        print(
-            f"{name:<16} | {step_ms:8.1f} | {step_ms / base_step:7.2f}x | {decay_ms:8.1f} |"
-            f" {iter_ms:12.1f} | {iter_ms / base_iter:7.2f}x"
+    rows = [
+        (
+            name,
+            f"{step_ms:.1f}",
+            f"{step_ms / base_step:.2f}x",
+            f"{step_ms - results['no decay'][0]:.1f}",
+            f"{iter_ms:.1f}",
+            f"{iter_ms / base_iter:.2f}x",
         )
+        for name, (step_ms, iter_ms) in results.items()
+    ]
+    print_table(("approach", "step ms", "vs plain", "decay ms", "iteration ms", "vs plain"), rows)
     masked_step, penalty_step = results["masked"][0], results["penalty in loss"][0]
     print(f"\nmasked step vs plain step: {masked_step / base_step:.2f}x (target <= 1.3x)")
     print(f"penalty-in-loss step vs masked step: {penalty_step / masked_step:.2f}x slower (target >= 2x)")

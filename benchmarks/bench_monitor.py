@@ -13,7 +13,6 @@ Run: `python benchmarks/bench_monitor.py` (about 4 minutes). One thread, CPU, be
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from _bench import best_time, print_table
 from pytorch_lightning.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,32 +30,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_nodecay import WeightNormMonitor, group_norms, param_groups
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time of ``repeats`` calls, garbage collection off while timing (as `timeit` does)."""
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        gc.disable()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        gc.enable()
-    return min(times)
-
-
 def per_parameter_loop(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Per-group norms the way a per-parameter utility gets them: one norm per tensor, then a norm of norms."""
     with torch.no_grad():
         return [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in g])) for g in groups]
-
-
-def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    print()
 
 
 def norm_computation(repeats: int) -> None:
@@ -80,6 +58,7 @@ def norm_computation(repeats: int) -> None:
     print("   Lightning grad_norm: `pytorch_lightning.utilities.grad_norm` on the same tensors (per-param + total)")
     header = ("tensors", "group_norms", "floor", "per-param loop", "Lightning grad_norm", "ours / floor", "loop / ours")
     print_table(header, rows)
+    print()
 
 
 class Net(pl.LightningModule):
@@ -182,6 +161,7 @@ def whole_fit(repeats: int) -> None:
         rows.append((str(every), f"{min(without):.2f}", f"{min(with_monitor):.2f}", difference, f"{min(hooks):.3f}"))
     print("2. Whole fit, small CNN (2 conv + BN + linear, 10 tensors), 300 steps of batch 32, s")
     print_table(("log_every_n_steps", "without monitor", "with monitor", "difference", "in monitor hooks"), rows)
+    print()
 
 
 def hook_share(repeats: int) -> None:
@@ -198,6 +178,7 @@ def hook_share(repeats: int) -> None:
         rows.append((str(every), f"{total:.2f}", f"{hooks * 1e3:.1f}", f"{hooks / total * 100:.2f}%"))
     print("3. Time inside the monitor's hooks, 150 x (Linear(16,16) + LayerNorm(16)) = 600 tensors, 150 steps, batch 4")
     print_table(("log_every_n_steps", "fit s", "hooks ms", "hooks / fit"), rows)
+    print()
 
 
 def main() -> None:

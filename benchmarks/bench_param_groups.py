@@ -9,11 +9,9 @@ or wrappers) and is the speed users already accept.
 from __future__ import annotations
 
 import argparse
-import gc
-import time
-from collections.abc import Callable
 
 import torch
+from _bench import best_time, print_table
 from torch import nn
 
 from lightning_nodecay import param_groups
@@ -44,19 +42,6 @@ def stack(tensors: int, width: int = 4) -> nn.Module:
     return nn.Sequential(nn.ModuleDict({"blocks": blocks}))
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time of ``repeats`` calls, garbage collection off while timing (as `timeit` does)."""
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        gc.disable()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        gc.enable()
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
@@ -71,12 +56,7 @@ def main() -> None:
         growth = f"{ours / previous:.2f}" if previous else "-"
         rows.append((f"{registered:,}", f"{ours * 1e3:.1f}", f"{timm * 1e3:.1f}", f"{ours / timm:.2f}", growth))
         previous = ours
-    header = ("tensors", "param_groups ms", "timm-style ms", "ours / timm", "growth vs previous")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(("tensors", "param_groups ms", "timm-style ms", "ours / timm", "growth vs previous"), rows)
     print("(growth 10k -> 40k is for 4x the tensors: linear is 4.0)")
 
 

@@ -123,7 +123,7 @@ def _new_decisions(
     params: Iterable[nn.Parameter], optimizer: Optimizer, decisions: Iterable[DecayDecision]
 ) -> list[DecayDecision]:
     """Decisions of the ``params`` that are not in ``optimizer`` yet, by identity, each once."""
-    present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    present = _in_optimizer(optimizer)
     by_id = {id(d.param): d for d in decisions}
     new: dict[int, DecayDecision] = {}
     for param in params:
@@ -136,6 +136,11 @@ def _new_decisions(
             )
         new[id(param)] = by_id[id(param)]
     return list(new.values())
+
+
+def _in_optimizer(optimizer: Optimizer) -> set[int]:
+    """``id()`` of every parameter of ``optimizer``."""
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 
 def _group_names(
@@ -206,7 +211,7 @@ class NoDecayFinetuning(*bases("callbacks.BaseFinetuning")):  # type: ignore[mis
     @staticmethod
     def filter_on_optimizer(optimizer: Optimizer, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """The ``params`` not in ``optimizer``, by identity (Lightning compares values)."""
-        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        present = _in_optimizer(optimizer)
         return [p for p in params if id(p) not in present]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

@@ -18,24 +18,25 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import nn
 
-from lightning_nodecay.groups import DecayDecision
 from lightning_nodecay.rules import clean_name
-from lightning_nodecay.safety_net import _PER_GROUP_ATTRIBUTES
 
 #: Checkpoint key under which :func:`save_layouts` stores one layout per optimizer.
 LAYOUT_KEY = "lightning_nodecay_layouts"
 
 LayoutPolicy = Literal["remap", "error"]
-_POLICIES = ("remap", "error")
 
 #: Keys of a param group that belong to the current code's weight-decay decision, not to the
 #: optimizer's trajectory: a group built from other groups' state keeps its own values of these.
 _DECAY_KEYS = ("weight_decay", "weight_decay_multiplier")
 
+
+#: Attributes of ``torch.optim.lr_scheduler`` schedulers, and keys of their ``state_dict()``, that hold one entry
+#: per param group.
+_PER_GROUP_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
 
 _WEIGHTS_ONLY = (
     "resume the weights only (`Model.load_from_checkpoint(path)`, then `trainer.fit(model)` without `ckpt_path`;"
@@ -44,12 +45,32 @@ _WEIGHTS_ONLY = (
 
 
 class LayoutMismatchError(RuntimeError):
-    """The optimizer's param groups differ from the checkpoint's, and the state cannot be moved safely."""
+    """The optimizer's param groups differ from the checkpoint's, and the state cannot be moved safely.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> before = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> checkpoint = {"optimizer_states": [before.state_dict()]}
+        >>> save_layouts(checkpoint, [before], net)
+        >>> after = torch.optim.SGD([{"params": [net.bias]}, {"params": [net.weight]}], lr=0.1)
+        >>> resume_layouts(checkpoint, [after], net, on_layout_change="error")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_nodecay.layout.LayoutMismatchError: The param groups differ from the checkpoint's, ...
+    """
 
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """One param group: its name and the cleaned names of its parameters, in order."""
+    """One param group: its name and the cleaned names of its parameters, in order.
+
+    Example:
+        >>> group = GroupLayout("no_decay", ("0.bias", "1.weight"))
+        >>> group.name, group.params
+        ('no_decay', ('0.bias', '1.weight'))
+    """
 
     name: str
     params: tuple[str, ...]
@@ -85,20 +106,57 @@ class Layout:
         return "\n".join(f"{g.name}: {', '.join(g.params)}" for g in self.groups)
 
 
+def param_names(module: nn.Module) -> dict[int, str]:
+    """``{id(parameter): name}`` of the parameters of ``module``: qualified names without wrapper segments.
+
+    Names are cleaned as :func:`~lightning_nodecay.clean_name` cleans them; a parameter reached through several
+    paths is named by the first. Pass ``module`` unwrapped (not DDP's wrapper) for the names of
+    :func:`~lightning_nodecay.decide`.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> param_names(net)[id(net[0].bias)]
+        '0.bias'
+    """
+    return {id(p): clean_name(n) for n, p in module.named_parameters()}
+
+
+def group_label(group: Mapping[str, Any], index: int) -> str:
+    """The name of the param group at position ``index`` (from 0): its ``"name"``, else ``pg{index + 1}``.
+
+    Unnamed groups are numbered from 1, as Lightning's ``LearningRateMonitor`` names them (``lr-SGD/pg1``), so
+    a group has the same name in logged keys, checkpoint layouts and messages.
+
+    Example:
+        >>> group_label({"params": []}, 0), group_label({"name": "no_decay", "params": []}, 1)
+        ('pg1', 'no_decay')
+    """
+    return str(group.get("name", f"pg{index + 1}"))
+
+
 def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     """The layout of param ``groups`` (``optimizer.param_groups``) over the parameters of ``module``.
 
-    Groups without a ``"name"`` are called ``pg0``, ``pg1``, ... by position. A parameter that is
-    not part of ``module`` is called ``?<group>[<index>]``.
+    Groups without a ``"name"`` are called ``pg1``, ``pg2``, ... by position (see :func:`group_label`). A
+    parameter that is not part of ``module`` is called ``?<group>[<index>]``.
 
     Raises:
         ValueError: a parameter appears twice (it would be updated twice per step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD([{"params": [net.weight]}, {"params": [net.bias], "name": "biases"}], lr=0.1)
+        >>> layout_of(optimizer.param_groups, net).groups
+        (GroupLayout(name='pg1', params=('weight',)), GroupLayout(name='biases', params=('bias',)))
     """
-    names = {id(p): clean_name(n) for n, p in module.named_parameters()}
+    names = param_names(module)
     seen: dict[int, str] = {}
     layout = []
     for i, group in enumerate(groups):
-        group_name = str(group.get("name", f"pg{i}"))
+        group_name = group_label(group, i)
         params = []
         for j, param in enumerate(group["params"]):
             name = names.get(id(param), f"?{group_name}[{j}]")
@@ -125,6 +183,11 @@ class LayoutDiff:
         moved: ``(parameter, saved group, current group)`` for every parameter that changed group.
         added: ``(parameter, current group)`` for parameters the checkpoint has no state for.
         dropped: ``(parameter, saved group)`` for parameters no current group holds.
+
+    Example:
+        >>> diff = compare_layouts(Layout((GroupLayout("decay", ("w", "b")),)), Layout((GroupLayout("decay", ("w",)),)))
+        >>> bool(diff), diff.dropped
+        (True, (('b', 'decay'),))
     """
 
     saved: Layout
@@ -231,7 +294,7 @@ def remap_optimizer_state(
         >>> w.grad, b.grad = torch.ones(2), 2 * torch.ones(2)
         >>> before.step()
         >>> after = torch.optim.SGD([{"params": [b], "name": "b"}, {"params": [w], "name": "w"}], lr=0.1, momentum=0.9)
-        >>> saved = Layout((GroupLayout("pg0", ("w", "b")),))
+        >>> saved = Layout((GroupLayout("pg1", ("w", "b")),))
         >>> current = Layout((GroupLayout("b", ("b",)), GroupLayout("w", ("w",))))
         >>> after.load_state_dict(remap_optimizer_state(before.state_dict(), saved, current, after.param_groups))
         >>> after.state[b]["momentum_buffer"].tolist(), after.state[w]["momentum_buffer"].tolist()
@@ -240,7 +303,10 @@ def remap_optimizer_state(
     saved_groups = state_dict["param_groups"]
     _check_matches_state(saved, saved_groups)
     if len(current.groups) != len(current_groups):
-        raise ValueError(f"`current` has {len(current.groups)} groups, the optimizer {len(current_groups)}.")
+        raise ValueError(
+            f"`current` has {len(current.groups)} groups but `current_groups` {len(current_groups)}; pass the"
+            " layout of the optimizer that will load the state: `layout_of(optimizer.param_groups, module)`."
+        )
     saved_ids = {
         name: pid
         for g, sg in zip(saved.groups, saved_groups, strict=True)
@@ -268,8 +334,8 @@ def remap_optimizer_state(
 def _check_matches_state(saved: Layout, saved_groups: Sequence[Mapping[str, Any]]) -> None:
     if [len(g.params) for g in saved.groups] != [len(g["params"]) for g in saved_groups]:
         raise ValueError(
-            "The checkpoint's saved layout does not match its optimizer state (different group sizes);"
-            " the checkpoint was edited or is corrupt."
+            "The checkpoint's saved layout does not match its optimizer state (different group sizes): the"
+            " checkpoint was edited or is corrupt. Resume from another checkpoint, or " + _WEIGHTS_ONLY
         )
 
 
@@ -300,11 +366,17 @@ def remap_scheduler_state(
         current_state: ``state_dict()`` of the current scheduler (built for the current groups).
         sources: :func:`source_groups` of the saved and current layouts.
         saved_groups: number of groups of the saved layout.
+
+    Example:
+        >>> saved = {"base_lrs": [0.1, 0.2], "_last_lr": [0.05, 0.1], "last_epoch": 1}
+        >>> current = {"base_lrs": [0.1, 0.1, 0.3], "_last_lr": [0.1, 0.1, 0.3], "last_epoch": 0}
+        >>> remap_scheduler_state(saved, current, sources=[1, 0, None], saved_groups=2)
+        {'base_lrs': [0.2, 0.1, 0.3], '_last_lr': [0.1, 0.05, 0.3], 'last_epoch': 1}
     """
     out = dict(state)
-    for key in _PER_GROUP_ATTRIBUTES:
-        values, now = state.get(key), current_state.get(key)
-        if isinstance(values, list) and len(values) == saved_groups and isinstance(now, list):
+    for key, values in per_group_lists(state, saved_groups).items():
+        now = current_state.get(key)
+        if isinstance(now, list):
             out[key] = [values[s] if s is not None else now[k] for k, s in enumerate(sources)]
     nested, nested_now = state.get("_schedulers"), current_state.get("_schedulers")
     if isinstance(nested, list) and isinstance(nested_now, list):
@@ -312,6 +384,24 @@ def remap_scheduler_state(
             remap_scheduler_state(s, n, sources, saved_groups) for s, n in zip(nested, nested_now, strict=True)
         ]
     return out
+
+
+def per_group_lists(scheduler_state: Mapping[str, Any], groups: int) -> dict[str, list[Any]]:
+    """The lists of an LR scheduler's ``state_dict()`` (or ``vars()``) that hold one entry per param group.
+
+    Args:
+        scheduler_state: the scheduler's ``state_dict()``, or ``vars(scheduler)`` to change it in place.
+        groups: the number of param groups the scheduler was built for.
+
+    Example:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.5}], lr=1)
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        >>> per_group_lists(scheduler.state_dict(), 2)
+        {'base_lrs': [1, 0.5], '_last_lr': [1, 0.5]}
+    """
+    found = {key: scheduler_state.get(key) for key in _PER_GROUP_KEYS}
+    return {key: values for key, values in found.items() if isinstance(values, list) and len(values) == groups}
 
 
 def save_layouts(checkpoint: dict[str, Any], optimizers: Sequence[Any], module: nn.Module) -> None:
@@ -351,7 +441,7 @@ def resume_layouts(
             be remapped), or a checkpoint without layouts cannot fit the current groups.
         ValueError: ``on_layout_change`` is not one of ``"remap"``, ``"error"``.
     """
-    if on_layout_change not in _POLICIES:
+    if on_layout_change not in get_args(LayoutPolicy):
         raise ValueError(
             f"`on_layout_change` is {on_layout_change!r}; choose `'remap'` (move optimizer state by parameter"
             " name) or `'error'` (refuse to resume when the param groups changed)."
@@ -441,9 +531,3 @@ def _check_unlabelled(states: Sequence[Mapping[str, Any]], optimizers: Sequence[
         UserWarning,
         stacklevel=2,
     )
-
-
-def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterable[DecayDecision]) -> list[str]:
-    """Names of excluded parameters (multiplier 0) that sit in a group with non-zero ``weight_decay``."""
-    excluded = {id(d.param): d.name for d in decisions if d.multiplier == 0}
-    return [excluded[id(p)] for g in groups if g.get("weight_decay") for p in g["params"] if id(p) in excluded]

@@ -44,7 +44,7 @@ import difflib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +52,11 @@ from torch.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam
 
 from lightning_nodecay._log import log
 from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, Penalty, _unwrap
+from lightning_nodecay.layout import group_label, param_names
 from lightning_nodecay.rules import clean_name
 
+#: How an optimizer applies weight decay: added to the gradient (``"coupled"``) or shrinking the weights
+#: (``"decoupled"``).
 DecayStyle = Literal["coupled", "decoupled"]
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # noqa: UP007 (what `torch._foreach_*` takes)
 #: Masks keyed by parameter name (needs ``module``), by parameter, or both.
@@ -138,7 +141,18 @@ def apply_weight_decay_masks(
 
 
 def attached_masks(optimizer: Optimizer) -> WeightDecayMasks | None:
-    """The handle of the masks applied to ``optimizer``, or ``None``."""
+    """The handle of the masks applied to ``optimizer``, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> weight = torch.nn.Parameter(torch.ones(2, 2))
+        >>> optimizer = torch.optim.SGD([weight], lr=0.1, weight_decay=0.1)
+        >>> attached_masks(optimizer) is None
+        True
+        >>> handle = apply_weight_decay_masks(optimizer, {weight: torch.eye(2)})
+        >>> attached_masks(optimizer) is handle
+        True
+    """
     return _ATTACHED.get(optimizer)
 
 
@@ -156,6 +170,18 @@ class WeightDecayMasks:
 
     Attributes:
         names: ``{parameter: name}`` of the masked parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
+        >>> handle = apply_weight_decay_masks(optimizer, {"weight": torch.tensor([[1.0], [0.0]])}, module=net)
+        >>> {name: mask.flatten().tolist() for name, mask in handle.named_masks().items()}
+        {'weight': [1.0, 0.0]}
+        >>> handle.remove()
+        >>> optimizer.param_groups[0]["weight_decay"]
+        0.1
     """
 
     def __init__(self, optimizer: Optimizer, groups: list[_HookedGroup], names: _Names) -> None:
@@ -377,7 +403,7 @@ def _check_placement(optimizer: Optimizer, param: Tensor, index: int | None, nam
 
 def _penalty(optimizer: Optimizer, index: int) -> Penalty:
     penalty = optimizer.param_groups[index].get(PENALTY_KEY, "l2")
-    if penalty not in ("l2", "l1"):
+    if penalty not in get_args(Penalty):
         raise ValueError(
             f"Group {_group_label(optimizer, index)} of `{type(optimizer).__name__}` has"
             f" `{PENALTY_KEY}={penalty!r}`; use 'l2' (weight decay) or 'l1'."
@@ -411,7 +437,7 @@ def _style(optimizer: Optimizer, index: int, declared: DecayStyle | None) -> Dec
                 ' with `NoDecayMixin` set `weight_decay_style = "coupled"` or `"decoupled"`.'
             )
         return known
-    if declared not in ("coupled", "decoupled"):
+    if declared not in get_args(DecayStyle):
         raise ValueError(f"`decay_style` must be 'coupled' or 'decoupled'; got {declared!r}.")
     if known is not None and known != declared:
         raise ValueError(
@@ -431,7 +457,7 @@ def _known_style(optimizer: Optimizer, group: Mapping[str, Any]) -> DecayStyle |
 
 
 def _group_label(optimizer: Optimizer, index: int) -> str:
-    return f"`{optimizer.param_groups[index].get('name', index)}`"
+    return f"`{group_label(optimizer.param_groups[index], index)}`"
 
 
 def _check_mask(name: str, param: Tensor, mask: object) -> Tensor:
@@ -478,7 +504,7 @@ class _Names:
         if module is not None:
             for name, param in _unwrap(module).named_parameters(remove_duplicate=False):
                 self.by_name.setdefault(clean_name(name), param)
-            self._names.update({id(p): n for n, p in reversed(self.by_name.items())})
+            self._names.update(param_names(_unwrap(module)))
 
     def of(self, param: Tensor) -> str:
         return self._names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
@@ -522,7 +548,10 @@ class _Names:
             trainable = [n for n, p in self.by_name.items() if p.requires_grad]
             close = difflib.get_close_matches(key, trainable, n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
-            raise ValueError(f"Weight-decay mask for unknown parameter `{key}`.{hint}")
+            raise ValueError(
+                f"Weight-decay mask for unknown parameter `{key}`.{hint} Key masks by the parameter names that"
+                " `lightning_nodecay.decide(module)` reports (`named_parameters()` without wrapper segments)."
+            )
         if not param.requires_grad:
             raise ValueError(
                 f"Parameter `{key}` has a weight-decay mask but is frozen (requires_grad=False), so it is"

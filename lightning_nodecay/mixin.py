@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_nodecay._log import log
+from lightning_nodecay._log import listed, log
 from lightning_nodecay.groups import (
     DecayDecision,
     MultiplierKey,
@@ -21,10 +21,17 @@ from lightning_nodecay.groups import (
     groups_from_decisions,
     resolve_multipliers,
 )
-from lightning_nodecay.layout import LayoutPolicy, layout_of, misplaced_exclusions, resume_layouts, save_layouts
+from lightning_nodecay.layout import (
+    LayoutPolicy,
+    group_label,
+    layout_of,
+    param_names,
+    resume_layouts,
+    save_layouts,
+)
 from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
-from lightning_nodecay.safety_net import split_excluded
+from lightning_nodecay.safety_net import misplaced_exclusions, split_excluded
 from lightning_nodecay.summary import DecaySummary, summarize
 
 #: What LightningCLI injects for an ``optimizer: OptimizerCallable`` argument.
@@ -165,11 +172,11 @@ class NoDecayMixin:
     def on_fit_start(self) -> None:
         """Apply the safety net, check a resumed layout and log the summary, before any step or state restore."""
         trainer = self.trainer
-        for optimizer in trainer.optimizers:
+        optimizers = trainer.optimizers
+        for optimizer in optimizers:
             layout_of(optimizer.param_groups, self._module)  # refuses parameters given twice
         decisions = self.weight_decay_decisions()
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        optimizers = trainer.optimizers
         for optimizer in optimizers:
             for message in split_excluded(optimizer, decisions, schedulers):  # every rank splits, rank 0 says so
                 if trainer.global_rank == 0:
@@ -184,17 +191,7 @@ class NoDecayMixin:
         if self.log_weight_decay_summary and trainer.global_rank == 0:
             masks = {p: m for o in optimizers if (h := attached_masks(o)) for p, m in h.masks.items()}
             log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
-        parent = getattr(super(), "on_fit_start", None)
-        if parent is not None:
-            parent()
-
-    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
-        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
-        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
-        if needs_weight_decay_hook(optimizer, masks, decisions):
-            apply_weight_decay_masks(
-                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
-            )
+        self._parent_hook("on_fit_start")
 
     def on_train_epoch_start(self) -> None:
         """Refuse excluded parameters that a callback put in a decayed group since fit start."""
@@ -206,32 +203,26 @@ class NoDecayMixin:
                 misplaced = misplaced_exclusions(optimizer.param_groups, decisions)
                 if misplaced:
                     raise ValueError(
-                        f"Parameters excluded from weight decay ({', '.join(f'`{n}`' for n in misplaced[:4])}"
-                        f"{', ...' if len(misplaced) > 4 else ''}) were added to a decayed param group of"
-                        f" `{type(optimizer).__name__}` after fit start, most likely by Lightning's"
-                        " `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`), which gives"
-                        " new groups the optimizer's weight decay. Use `lightning_nodecay.NoDecayBackboneFinetuning`,"
-                        " subclass `lightning_nodecay.NoDecayFinetuning`, or call"
+                        f"Parameters excluded from weight decay ({listed(misplaced, quoted=True)}) were added to a"
+                        f" decayed param group of `{type(optimizer).__name__}` after fit start, most likely by"
+                        " Lightning's `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`),"
+                        " which gives new groups the optimizer's weight decay. Use"
+                        " `lightning_nodecay.NoDecayBackboneFinetuning`, subclass"
+                        " `lightning_nodecay.NoDecayFinetuning`, or call"
                         " `lightning_nodecay.unfreeze_and_add_param_groups` in your `finetune_function`."
                     )
-        parent = getattr(super(), "on_train_epoch_start", None)
-        if parent is not None:
-            parent()
+        self._parent_hook("on_train_epoch_start")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the param-group layout of every optimizer in the checkpoint."""
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.optimizers:
             save_layouts(checkpoint, trainer.optimizers, self._module)
-        parent = getattr(super(), "on_save_checkpoint", None)
-        if parent is not None:
-            parent(checkpoint)
+        self._parent_hook("on_save_checkpoint", checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's layout once the optimizers exist (now, or in :meth:`on_fit_start`)."""
-        parent = getattr(super(), "on_load_checkpoint", None)
-        if parent is not None:
-            parent(checkpoint)
+        self._parent_hook("on_load_checkpoint", checkpoint)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or trainer.state.fn != "fit":
             return
@@ -239,6 +230,14 @@ class NoDecayMixin:
             self._resume_layouts(checkpoint)
         else:  # Lightning restores the optimizer state from this same dict after `on_fit_start`
             self._nodecay_checkpoint = checkpoint
+
+    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
+        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
+        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
+        if needs_weight_decay_hook(optimizer, masks, decisions):
+            apply_weight_decay_masks(
+                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
+            )
 
     def _resume_layouts(self, checkpoint: dict[str, Any]) -> None:
         trainer = self.trainer
@@ -254,6 +253,12 @@ class NoDecayMixin:
             for message in messages:
                 log.warning(f"NoDecayMixin resume: {message}")
 
+    def _parent_hook(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` of the class after the mixin in the MRO (the LightningModule's), if it has one."""
+        parent = getattr(super(), hook, None)
+        if parent is not None:
+            parent(*args)
+
     @property
     def _module(self) -> nn.Module:
         if not isinstance(self, nn.Module):
@@ -265,10 +270,11 @@ class NoDecayMixin:
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Every trainable parameter in exactly one group, nothing else in any group."""
-        names = {id(p): name for name, p in self._module.named_parameters() if p.requires_grad}
+        trainable = {id(p) for p in self._module.parameters() if p.requires_grad}
+        names = {pid: name for pid, name in param_names(self._module).items() if pid in trainable}
         where: dict[int, str] = {}
         for i, group in enumerate(groups):
-            label = f"`{group.get('name', f'pg{i}')}`"
+            label = f"`{group_label(group, i)}`"
             for param in group["params"]:
                 if id(param) not in names:
                     raise ValueError(
@@ -287,7 +293,7 @@ class NoDecayMixin:
         if missing:
             raise ValueError(
                 f"`{type(self).__name__}.configure_param_groups()` leaves out trainable parameter(s)"
-                f" {', '.join(f'`{n}`' for n in missing[:5])}; they would never be trained. Put every"
+                f" {listed(missing, quoted=True)}; they would never be trained. Put every"
                 " trainable parameter in a group, or freeze it with `requires_grad_(False)`."
             )
         if not groups:
@@ -301,7 +307,8 @@ class NoDecayMixin:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"`{type(self).__name__}.optimizer` must return a `torch.optim.Optimizer` when called with"
-                f" param groups; it returned {type(optimizer).__name__}."
+                f" param groups; it returned {type(optimizer).__name__}. Set it to an optimizer class or a"
+                " `functools.partial` of one, e.g. `functools.partial(torch.optim.AdamW, lr=1e-3)`."
             )
         label = type(optimizer).__name__
         if "weight_decay" not in optimizer.defaults:

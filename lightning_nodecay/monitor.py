@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_nodecay._lightning import bases
+from lightning_nodecay.layout import group_label
 from lightning_nodecay.masks import HOOK_WEIGHT_DECAY_KEY, MASK_SHARE_KEY
 from lightning_nodecay.norms import GroupNorms, check_norm_type, fsdp_shard_group, group_norms
 
@@ -179,13 +180,14 @@ def _logged_step(trainer: pl.Trainer) -> int | None:
 def _group_names(optimizers: list[Optimizer]) -> list[list[str]]:
     """The name of every param group, per optimizer, as ``LearningRateMonitor`` builds them.
 
-    A group's ``"name"``, else ``pg{i}`` counting from 1; with several optimizers, prefixed by the optimizer
-    class and a counter for repeated classes: ``SGD/decay``, ``SGD-1/pg1``, ``Adam/pg1``.
+    A group's ``"name"``, else ``pg{i}`` counting from 1 (:func:`~lightning_nodecay.layout.group_label`); with
+    several optimizers, prefixed by the optimizer class and a counter for repeated classes: ``SGD/decay``,
+    ``SGD-1/pg1``, ``Adam/pg1``.
     """
     seen: Counter[str] = Counter()
     names = []
     for optimizer in optimizers:
-        group_names = [group.get("name", f"pg{i}") for i, group in enumerate(optimizer.param_groups, start=1)]
+        group_names = [group_label(group, i) for i, group in enumerate(optimizer.param_groups)]
         optimizer_name = type(optimizer).__name__
         repeated = sorted({name for name in group_names if group_names.count(name) > 1})
         if repeated:

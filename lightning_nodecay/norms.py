@@ -48,6 +48,11 @@ class GroupNorms(NamedTuple):
         total: float64 scalar tensor, the norm of all groups' tensors together.
         numels: int64 tensor of shape ``(len(groups),)``, the number of elements of each group across all
             ranks, or ``None`` for the infinity norm (its max-reduction cannot count elements).
+
+    Example:
+        >>> result = group_norms([[torch.tensor([3.0, 4.0])], []])
+        >>> result.norms.tolist(), result.total.item(), result.numels.tolist()
+        ([5.0, 0.0], 5.0, [2, 0])
     """
 
     norms: Tensor

@@ -91,7 +91,9 @@ def _read_norms(path: Path, norm_type: float | str | None) -> tuple[dict[str, li
     if norm_type is not None:
         norm = str(check_norm_type(norm_type))
         if norm not in found:
-            raise ValueError(f"`{path}` holds no {norm}-norm (`norm_type={norm_type!r}`); it holds {found}.")
+            raise ValueError(
+                f"`{path}` holds no {norm}-norm (`norm_type={norm_type!r}`); it holds {found}: choose one of them."
+            )
     elif len(found) > 1:
         raise ValueError(f"`{path}` holds several norms {found}: choose one with `norm_type`, e.g. `norm_type=2`.")
     else:

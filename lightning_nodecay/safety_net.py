@@ -9,15 +9,14 @@ optimizer learn about the new group, so it keeps following the schedule.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_nodecay._log import listed
 from lightning_nodecay.groups import NO_DECAY, DecayDecision
-
-#: Attributes of ``torch.optim.lr_scheduler`` schedulers that hold one entry per param group.
-_PER_GROUP_ATTRIBUTES = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+from lightning_nodecay.layout import group_label, per_group_lists
 
 
 def split_excluded(
@@ -25,7 +24,10 @@ def split_excluded(
 ) -> list[str]:
     """Move excluded parameters out of decayed groups of ``optimizer``, in place.
 
-    Must run before the first step and before optimizer state is loaded.
+    Must run before the first step and before optimizer state is loaded. The new group of a group named
+    ``g`` is ``g_no_decay``; unnamed groups are named ``pg1``, ``pg2``, ... by position first (see
+    :func:`~lightning_nodecay.layout.group_label`), except a single unnamed group, which becomes ``decay``
+    and gives ``no_decay``.
 
     Args:
         optimizer: the optimizer to fix.
@@ -47,7 +49,7 @@ def split_excluded(
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups]
         [('decay', 0.1), ('no_decay', 0.0)]
     """
-    excluded = {id(d.param): d.name for d in decisions if d.multiplier == 0}
+    excluded = _excluded(decisions)
     messages = []
     for index, group in enumerate(list(optimizer.param_groups)):
         if not group.get("weight_decay"):
@@ -55,14 +57,14 @@ def split_excluded(
         moving = [p for p in group["params"] if id(p) in excluded]
         if not moving:
             continue
-        names = ", ".join(excluded[id(p)] for p in moving[:4]) + (", ..." if len(moving) > 4 else "")
+        names = listed([excluded[id(p)] for p in moving])
         plural = "s" * (len(moving) > 1)
         what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{plural} ({names})"
         if len(moving) == len(group["params"]):
             group["weight_decay"] = 0.0
             messages.append(f"{what}: the whole group, set its weight_decay=0.0")
             continue
-        base = group.get("name") or ("" if len(optimizer.param_groups) == 1 else f"pg{index}")
+        base = group_label(group, index) if "name" in group or len(optimizer.param_groups) > 1 else ""
         group["name"] = base or "decay"
         group["params"] = [p for p in group["params"] if id(p) not in excluded]
         new_group = {**group, "params": moving, "weight_decay": 0.0, "name": f"{base}_{NO_DECAY}" if base else NO_DECAY}
@@ -72,12 +74,33 @@ def split_excluded(
     return messages
 
 
+def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterable[DecayDecision]) -> list[str]:
+    """Names of excluded parameters (multiplier 0) that sit in a group with non-zero ``weight_decay``.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> net = nn.Linear(2, 2)
+        >>> misplaced_exclusions([{"params": list(net.parameters()), "weight_decay": 0.1}], decide(net))
+        ['bias']
+    """
+    excluded = _excluded(decisions)
+    return [excluded[id(p)] for g in groups if g.get("weight_decay") for p in g["params"] if id(p) in excluded]
+
+
+def _excluded(decisions: Iterable[DecayDecision]) -> dict[int, str]:
+    """``{id(parameter): name}`` of the parameters excluded from weight decay."""
+    return {id(d.param): d.name for d in decisions if d.multiplier == 0}
+
+
 def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:
+    """Give the per-group lists of ``optimizer``'s schedulers (nested ones too) an entry for the group just added.
+
+    The new group copies group ``source``; lists a nested scheduler shares with its parent grow once.
+    """
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is not optimizer:
             continue
         _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source)
-        for attribute in _PER_GROUP_ATTRIBUTES:
-            values = getattr(scheduler, attribute, None)
-            if isinstance(values, list) and len(values) == len(optimizer.param_groups) - 1:
-                values.append(values[source])
+        for values in per_group_lists(vars(scheduler), len(optimizer.param_groups) - 1).values():
+            values.append(values[source])

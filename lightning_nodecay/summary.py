@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from lightning_nodecay._log import listed
 from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, groups_from_decisions
 from lightning_nodecay.masks import Masks
-
-_SHOWN_NAMES = 4
 
 
 @dataclass(frozen=True)
@@ -25,6 +24,12 @@ class GroupSummary:
         penalty: ``"l2"`` or ``"l1"``.
         mask_share: share of the elements that belong to parameters with a per-element mask.
         effective_multiplier: element-weighted mean multiplier of the group, masks included.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> [(g.name, g.multiplier, g.tensors, g.elements) for g in summarize(decide(nn.Linear(4, 2))).groups]
+        [('decay', 1.0, 1, 8), ('no_decay', 0.0, 1, 2)]
     """
 
     name: str
@@ -43,6 +48,12 @@ class DecaySummary:
     Attributes:
         groups: one entry per param group, in group order.
         reasons: ``{reason: [parameter names]}`` for every rule that fired (``default`` left out).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_nodecay.groups import decide
+        >>> summarize(decide(nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2)))).reasons
+        {'name pattern `bias`': ['0.bias'], 'module type `LayerNorm`': ['1.weight', '1.bias']}
     """
 
     groups: list[GroupSummary]
@@ -61,8 +72,7 @@ class DecaySummary:
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(" |") for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         for reason, names in self.reasons.items():
-            shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
-            lines.append(f"{reason}: {len(names)} tensor{'s' * (len(names) != 1)} ({shown})")
+            lines.append(f"{reason}: {len(names)} tensor{'s' * (len(names) != 1)} ({listed(names)})")
         return "\n".join(lines)
 
 

@@ -1,20 +1,8 @@
 import pytest
 import torch
-from helpers import BoringModel
-from pytorch_lightning.cli import LightningCLI
+from helpers import BoringModel, TwoLayerModel, log_lines, run_cli
 
-from lightning_nodecay import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
-
-
-class InjectedModel(NoDecayMixin, BoringModel):
-    """The LightningCLI dependency-injection pattern: the optimizer is an `__init__` argument."""
-
-    def __init__(
-        self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None
-    ) -> None:
-        super().__init__()
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
+from lightning_nodecay import NoDecayMixin
 
 
 class PlainModel(NoDecayMixin, BoringModel):
@@ -23,23 +11,10 @@ class PlainModel(NoDecayMixin, BoringModel):
     configure_optimizers = BoringModel.configure_optimizers
 
 
-def run_cli(model_class, tmp_path, *args):
-    trainer_args = [
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.max_steps=2",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.accelerator=cpu",
-    ]
-    return LightningCLI(model_class, args=["fit", *trainer_args, *args], save_config_callback=None)
-
-
 def test_cli_optimizer_callable_weight_decay_reaches_decay_group_only(tmp_path):
     """Test that `--model.optimizer.weight_decay` from the command line reaches only the decay group."""
     cli = run_cli(
-        InjectedModel,
+        TwoLayerModel,
         tmp_path,
         "--model.optimizer=AdamW",
         "--model.optimizer.lr=0.01",
@@ -52,7 +27,7 @@ def test_cli_optimizer_callable_weight_decay_reaches_decay_group_only(tmp_path):
 def test_cli_optimizer_callable_with_scheduler(tmp_path):
     """Test that `--model.lr_scheduler` is built on our groups."""
     cli = run_cli(
-        InjectedModel,
+        TwoLayerModel,
         tmp_path,
         "--model.optimizer=SGD",
         "--model.optimizer.lr=0.1",
@@ -83,4 +58,4 @@ def test_cli_own_optimizer_flag_kept_in_check_by_safety_net(tmp_path, nodecay_lo
     # ExponentialLR steps per epoch: still at the initial lr in both groups, and it knows about both groups
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == [0.01, 0.01]
-    assert any("safety net: AdamW group 0: moved 1 excluded tensor" in r.getMessage() for r in nodecay_log.records)
+    assert log_lines(nodecay_log, "safety net: AdamW group 0: moved 1 excluded tensor")

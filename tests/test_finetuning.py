@@ -3,7 +3,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
+from helpers import RandomDataset, assert_same_training, group_names, lightning_pytorch_model, log_lines, trainer_kwargs
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -53,11 +53,6 @@ class Model(NoDecayMixin, Plain):
 def frozen_backbone(model):
     model.backbone.requires_grad_(False)
     return model, model.configure_optimizers()
-
-
-def group_names(optimizer, model):
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {g.get("name"): [names[id(p)] for p in g["params"]] for g in optimizer.param_groups}
 
 
 def assert_each_trainable_parameter_once(optimizer, model):
@@ -158,6 +153,15 @@ def test_unfreeze_and_add_param_groups_train_bn_false_leaves_batchnorm_out():
     }
 
 
+def test_no_decay_finetuning_filter_on_optimizer_by_identity():
+    """Test that `filter_on_optimizer` drops only the parameters the optimizer holds, not ones equal in value."""
+    model, optimizer = frozen_backbone(Model())
+    fresh_norm, head_norm = model.backbone[1].weight, model.head[1].weight  # both all ones
+    assert torch.equal(fresh_norm, head_norm)
+    kept = NoDecayFinetuning.filter_on_optimizer(optimizer, [head_norm, fresh_norm])
+    assert [id(p) for p in kept] == [id(fresh_norm)]
+
+
 def fit(tmp_path, model, callback, max_epochs, ckpt_path=None, checkpoint=True):
     callbacks = [callback] + (
         [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)] if checkpoint else []
@@ -208,11 +212,6 @@ def test_lightning_backbone_finetuning_with_the_mixin_is_refused(tmp_path):
         assert torch.equal(param, backbone[name]), name
 
 
-def state_by_name(optimizer, module):
-    names = {id(p): n for n, p in module.named_parameters()}
-    return {names[id(p)]: s for p, s in optimizer.state.items()}
-
-
 @pytest.mark.parametrize("checkpoint_epoch", [0, 2])
 def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_log, checkpoint_epoch):
     """Test resuming before or after the unfreeze: same groups, bit-identical state and weights, layout accepted."""
@@ -223,17 +222,8 @@ def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_
     callback = NoDecayBackboneFinetuning(unfreeze_backbone_at_epoch=1)
     resumed_trainer = fit(tmp_path / "b", resumed, callback, 4, ckpt_path=ckpt_path, checkpoint=False)
     assert group_names(resumed_trainer.optimizers[0], resumed) == group_names(trainer.optimizers[0], uninterrupted)
-    expected, got = (
-        state_by_name(trainer.optimizers[0], uninterrupted),
-        state_by_name(resumed_trainer.optimizers[0], resumed),
-    )
-    assert got.keys() == expected.keys()
-    for name, state in expected.items():
-        for key, value in state.items():
-            assert torch.equal(got[name][key], value), (name, key)
-    for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters(), strict=True):
-        assert torch.equal(p, q), name
-    assert not [r for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
+    assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
+    assert not log_lines(nodecay_log, "NoDecayMixin resume")
     saved = Layout.from_state(torch.load(ckpt_path, weights_only=True)[LAYOUT_KEY][0])  # what the check compared
     final = layout_of(resumed_trainer.optimizers[0].param_groups, resumed)
     assert final.groups[: len(saved.groups)] == saved.groups
@@ -277,21 +267,7 @@ def test_no_decay_finetuning_subclass_drop_in(tmp_path):
 def test_backbone_finetuning_with_lightning_namespace(tmp_path):
     """Test that the same callback works with a `lightning.pytorch` Trainer and LightningModule."""
     lightning = pytest.importorskip("lightning")
-
-    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-            self.head = nn.Linear(4, 1)
-            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-
-        def training_step(self, batch, batch_idx):
-            return self.head(self.backbone(batch)).pow(2).mean()
-
-        def train_dataloader(self):
-            return DataLoader(torch.randn(4, 4), batch_size=4)
-
-    model = Net()
+    model = lightning_pytorch_model()
     kwargs = trainer_kwargs(tmp_path, max_steps=-1, max_epochs=2, callbacks=[NoDecayBackboneFinetuning(1)])
     trainer = lightning.pytorch.Trainer(**kwargs)
     trainer.fit(model)

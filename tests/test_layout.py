@@ -2,6 +2,7 @@ import io
 
 import pytest
 import torch
+from helpers import assert_same_state, state_by_name
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -10,13 +11,12 @@ from lightning_nodecay import (
     Layout,
     LayoutMismatchError,
     compare_layouts,
-    decide,
     layout_of,
     param_groups,
     remap_optimizer_state,
     remap_scheduler_state,
 )
-from lightning_nodecay.layout import LAYOUT_KEY, misplaced_exclusions, resume_layouts, save_layouts, source_groups
+from lightning_nodecay.layout import LAYOUT_KEY, resume_layouts, save_layouts, source_groups
 
 
 def small_net():
@@ -31,19 +31,6 @@ def train(optimizer, params, steps=3, seed=1):
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator)
         optimizer.step()
-
-
-def state_by_name(optimizer, module):
-    names = {id(p): n for n, p in module.named_parameters()}
-    return {names[id(p)]: s for p, s in optimizer.state.items()}
-
-
-def assert_same_state(got, expected):
-    assert got.keys() == expected.keys()
-    for name, state in expected.items():
-        assert got[name].keys() == state.keys(), name
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(got[name][key]), torch.as_tensor(value)), (name, key)
 
 
 def test_layout_of_names_groups_and_parameters():
@@ -65,8 +52,8 @@ def test_layout_of_unnamed_groups_wrappers_and_foreign_parameters():
     stray = nn.Parameter(torch.ones(1))
     optimizer = torch.optim.SGD([{"params": [net[0].weight]}, {"params": [net[1].bias, stray]}], lr=0.1)
     assert layout_of(optimizer.param_groups, wrapped).to_state() == [
-        {"name": "pg0", "params": ["0.0.weight"]},
-        {"name": "pg1", "params": ["0.1.bias", "?pg1[1]"]},
+        {"name": "pg1", "params": ["0.0.weight"]},
+        {"name": "pg2", "params": ["0.1.bias", "?pg2[1]"]},
     ]
 
 
@@ -268,18 +255,6 @@ def test_resume_layouts_remap_rewrites_the_checkpoint_and_reports():
     assert "`2.weight`: `decay` -> `no_decay`" in message
     after.load_state_dict(checkpoint["optimizer_states"][0])
     assert_same_state(state_by_name(after, net), state_by_name(before, net))
-
-
-def test_misplaced_exclusions_names_excluded_parameters_in_decayed_groups():
-    """Test the check behind the mixin's refusal of decayed exclusions added after fit start."""
-    net = small_net()
-    groups = [
-        {"params": [net[0].weight], "weight_decay": 0.1},
-        {"params": [net[0].bias, net[1].weight], "weight_decay": 0.1},
-    ]
-    assert misplaced_exclusions(groups, decide(net)) == ["0.bias", "1.weight"]
-    groups[1]["weight_decay"] = 0.0
-    assert misplaced_exclusions(groups, decide(net)) == []
 
 
 def test_resume_layouts_error_policy_lists_differences():

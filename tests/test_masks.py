@@ -9,21 +9,14 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
+from helpers import FIT_OPTIMIZERS, OPTIMIZERS, TwoLayerModel, assert_close, train, trainer_kwargs
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_nodecay import NoDecayMixin, apply_weight_decay_masks, attached_masks, decide, param_groups, summarize
+from lightning_nodecay import apply_weight_decay_masks, attached_masks, decide, param_groups, summarize
 
 WD = 0.1
-OPTIMIZERS = {
-    "SGD-momentum": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-    "Adam": functools.partial(torch.optim.Adam, lr=0.01),
-    "AdamW": functools.partial(torch.optim.AdamW, lr=0.01),
-    "RMSprop": functools.partial(torch.optim.RMSprop, lr=0.01),
-}
 
 
 class Net(nn.Module):
@@ -54,30 +47,6 @@ class SplitNet(Net):
 
     def weight(self) -> torch.Tensor:
         return torch.cat([self.top, self.bottom])
-
-
-def train(net: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 20, scheduler=None, closure: bool = False):
-    """``steps`` steps on fixed random batches; returns the losses."""
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
-        y = torch.randn(8, 3, generator=gen, dtype=torch.float64)
-
-        def compute_loss(x=x, y=y):
-            optimizer.zero_grad()
-            loss = (net(x) - y).pow(2).mean()
-            loss.backward()
-            return loss.detach()
-
-        losses.append(float(optimizer.step(compute_loss) if closure else (compute_loss(), optimizer.step())[0]))
-        if scheduler is not None:
-            scheduler.step()
-    return losses
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("closure", [False, True])
@@ -121,6 +90,22 @@ def adamw_oracle(p, state, grad, lr, wd, mask, betas=(0.9, 0.999), eps=1e-8):
     return p - step, (t, m, v)
 
 
+def train_with_oracle(reference: Net, oracle, lr: float, strength: float, mask: torch.Tensor) -> None:
+    """`train` ``reference`` with ``oracle`` as its update: ``w`` under ``mask``, ``v`` unmasked."""
+    probe = torch.optim.SGD(reference.parameters(), lr=0.0)  # computes gradients only
+    states: dict[str, object] = {"w": None, "v": None}
+
+    def step(_=None) -> None:
+        with torch.no_grad():
+            for key, m in (("w", mask.double()), ("v", torch.ones(()))):
+                p = getattr(reference, key)
+                new, states[key] = oracle(p.clone(), states[key], p.grad, lr, strength, m)
+                p.copy_(new)
+
+    probe.step = step  # the oracle replaces the update; `train` drives the same batches
+    train(reference, probe)
+
+
 @pytest.mark.parametrize(
     ("name", "oracle", "lr"), [("SGD-momentum", sgd_momentum_oracle, 0.05), ("AdamW", adamw_oracle, 0.01)]
 )
@@ -131,18 +116,7 @@ def test_masks_fractional_multipliers_match_hand_written_update(name, oracle, lr
     optimizer = OPTIMIZERS[name](net.parameters(), weight_decay=WD)
     apply_weight_decay_masks(optimizer, {"w": mask}, module=net)
     train(net, optimizer)
-    probe = torch.optim.SGD(reference.parameters(), lr=0.0)  # computes gradients only
-    states: dict[str, object] = {"w": None, "v": None}
-
-    def step(_=None) -> None:
-        with torch.no_grad():
-            for key, m in (("w", mask.double()), ("v", torch.ones(()))):
-                p = getattr(reference, key)
-                new, states[key] = oracle(p.clone(), states[key], p.grad, lr, WD, m)
-                p.copy_(new)
-
-    probe.step = step  # the oracle replaces the update; `train` drives the same batches
-    train(reference, probe)
+    train_with_oracle(reference, oracle, lr, WD, mask)
     assert_close(net.w, reference.w)
     assert_close(net.v, reference.v)
 
@@ -271,18 +245,7 @@ def test_l1_group_matches_hand_written_update(name, oracle, lr):
     optimizer = OPTIMIZERS[name](groups, weight_decay=l1)
     apply_weight_decay_masks(optimizer, {"w": mask}, module=net)
     train(net, optimizer)
-    probe = torch.optim.SGD(reference.parameters(), lr=0.0)
-    states: dict[str, object] = {"w": None, "v": None}
-
-    def step(_=None) -> None:
-        with torch.no_grad():
-            for key, m in (("w", mask.double()), ("v", torch.ones(()))):
-                p = getattr(reference, key)
-                new, states[key] = oracle(p.clone(), states[key], p.grad, lr, l1, m)
-                p.copy_(new)
-
-    probe.step = step
-    train(reference, probe)
+    train_with_oracle(reference, oracle, lr, l1, mask)
     assert_close(net.w, reference.w)
     assert_close(net.v, reference.v)
 
@@ -406,23 +369,20 @@ def test_masks_refuse_bad_setups():
         apply_weight_decay_masks(fused, {"w": torch.ones(4, 6)}, module=net)
     mixed = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
     with pytest.raises(
-        ValueError, match=r"`bias` is excluded from weight decay by name pattern `bias` but is in group `0`"
+        ValueError, match=r"`bias` is excluded from weight decay by name pattern `bias` but is in group `pg1`"
     ):
         apply_weight_decay_masks(mixed, {"w": torch.ones(4, 6)}, **kwargs)
     plain_l1 = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
-    with pytest.raises(ValueError, match=r"`w` should get an L1 penalty \(L1 rule `w`\) but is in group `0`"):
+    with pytest.raises(ValueError, match=r"`w` should get an L1 penalty \(L1 rule `w`\) but is in group `pg1`"):
         apply_weight_decay_masks(plain_l1, {}, module=net, decisions=decide(net, weight_decay_l1=("w",)))
 
 
-class MaskedModel(NoDecayMixin, pl.LightningModule):
-    """``Linear(32, 4) -> Linear(4, 2)`` with the mixin; ``mask`` (or none) on ``head.weight``."""
+class MaskedModel(TwoLayerModel):
+    """``TwoLayerModel`` with ``mask`` (or none) on ``head.weight``, and an infinite loss at the steps in ``poison``."""
 
     def __init__(self, mask=None, optimizer=None, **attributes) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body, self.head = nn.Linear(32, 4), nn.Linear(4, 2)
+        super().__init__(optimizer or FIT_OPTIMIZERS["AdamW"])
         self.mask = mask
-        self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=0.05, weight_decay=0.5)
         self.poison: set[int] = set()
         for key, value in attributes.items():
             setattr(self, key, value)
@@ -431,11 +391,8 @@ class MaskedModel(NoDecayMixin, pl.LightningModule):
         return {} if self.mask is None else {"head.weight": self.mask}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = (self.head(torch.tanh(self.body(batch))) - 1).pow(2).mean()
+        loss = super().training_step(batch, batch_idx)
         return loss * math.inf if self.global_step in self.poison else loss
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(RandomDataset(32, 24), batch_size=4)
 
 
 def fit(model: pl.LightningModule, tmp_path, **overrides) -> pl.LightningModule:
@@ -447,14 +404,7 @@ def params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.5),
-        functools.partial(torch.optim.AdamW, lr=0.05, weight_decay=0.5),
-    ],
-    ids=["SGD", "AdamW"],
-)
+@pytest.mark.parametrize("optimizer", FIT_OPTIMIZERS.values(), ids=FIT_OPTIMIZERS)
 def test_mixin_masks_accumulation_and_clipping_match_plain_decay(tmp_path, optimizer):
     """Test that through a Trainer (accumulation, clipping) an all-ones mask equals the optimizer's decay."""
     kwargs = dict(max_steps=4, accumulate_grad_batches=2, gradient_clip_val=0.05, precision="64-true")

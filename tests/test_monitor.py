@@ -18,8 +18,6 @@ from torch.utils.data import DataLoader
 
 from lightning_nodecay import WeightNormMonitor
 
-# Lightning 2.6 + torch 2.13 warn from Lightning's own code (main's pyproject filters it too)
-
 
 def norm(tensors: list[torch.Tensor], norm_type: float | str = 2.0) -> float:
     """The oracle: one float64 vector norm over the concatenated tensors."""

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
-from pytorch_lightning.cli import LightningCLI
+from helpers import FIT_OPTIMIZERS, OPTIMIZERS, TwoLayerModel, assert_close, run_cli, train, trainer_kwargs
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_nodecay import NoDecayMixin, OptimizerCallable, decide, group_name, param_groups, summarize
+from lightning_nodecay import decide, group_name, param_groups, summarize
 
 WD = 0.1
-OPTIMIZERS = {
-    "SGD-momentum": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-    "Adam": functools.partial(torch.optim.Adam, lr=0.01),
-    "AdamW": functools.partial(torch.optim.AdamW, lr=0.01),
-    "RMSprop": functools.partial(torch.optim.RMSprop, lr=0.01),
-}
 
 
 def make_net() -> nn.Sequential:
@@ -29,19 +20,9 @@ def make_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
-def train(net: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 20) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
-        y = torch.randn(8, 3, generator=gen, dtype=torch.float64)
-        optimizer.zero_grad()
-        (net(x) - y).pow(2).mean().backward()
-        optimizer.step()
-
-
 def assert_all_close(actual: nn.Module, expected: nn.Module) -> None:
     for a, e in zip(actual.parameters(), expected.parameters(), strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+        assert_close(a, e)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -64,27 +45,11 @@ def test_multipliers_rule_equals_group_with_scaled_weight_decay(name):
     assert_all_close(ruled, by_hand)
 
 
-class Model(NoDecayMixin, pl.LightningModule):
-    """``Linear(32, 4) -> Linear(4, 2)``; the mixin builds its optimizer."""
-
-    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body, self.head = nn.Linear(32, 4), nn.Linear(4, 2)
-        self.optimizer = optimizer
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return (self.head(torch.tanh(self.body(batch))) - 1).pow(2).mean()
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(RandomDataset(32, 24), batch_size=4)
-
-
-class Ruled(Model):
+class Ruled(TwoLayerModel):
     weight_decay_multipliers = {"head.weight": 2.0}  # noqa: RUF012
 
 
-class ByHand(Model):
+class ByHand(TwoLayerModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [
             {"params": [self.body.weight]},
@@ -94,14 +59,7 @@ class ByHand(Model):
         return self.optimizer(groups)
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.5),
-        functools.partial(torch.optim.AdamW, lr=0.05, weight_decay=0.5),
-    ],
-    ids=["SGD", "AdamW"],
-)
+@pytest.mark.parametrize("optimizer", FIT_OPTIMIZERS.values(), ids=FIT_OPTIMIZERS)
 def test_multipliers_mixin_rule_equals_hand_built_group_in_trainer_fit(tmp_path, optimizer):
     """Test that through a real Trainer fit a 2.0 rule equals a hand-built group with twice the decay."""
     kwargs = trainer_kwargs(tmp_path, max_steps=5, precision="64-true")
@@ -115,12 +73,8 @@ def test_multipliers_mixin_rule_equals_hand_built_group_in_trainer_fit(tmp_path,
 
 def test_multipliers_follow_cli_weight_decay(tmp_path):
     """Test that `--model.optimizer.weight_decay` from LightningCLI scales the multiplier groups."""
-    args = [f"--trainer.{k}={v}" for k, v in trainer_kwargs(tmp_path, max_steps=1).items()]
-    cli = LightningCLI(
-        Ruled,
-        args=["fit", *args, "--model.optimizer=SGD", "--model.optimizer.lr=0.1", "--model.optimizer.weight_decay=0.3"],
-        save_config_callback=None,
-    )
+    args = ["--model.optimizer=SGD", "--model.optimizer.lr=0.1", "--model.optimizer.weight_decay=0.3"]
+    cli = run_cli(Ruled, tmp_path, *args, max_steps=1)
     groups = cli.trainer.optimizers[0].param_groups
     assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.3), ("no_decay", 0.0), ("decay_x2", 0.6)]
 

@@ -1,11 +1,10 @@
 """Property tests of the grouping on random module trees, against a reference classifier written here."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -324,12 +323,6 @@ def fsdp_worker(rank, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_param_groups_same_under_real_fsdp1_and_fsdp2():
     """Test with two gloo processes that FSDP1 (use_orig_params) and FSDP2 give the unwrapped model's decisions."""
-    mp.spawn(fsdp_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(fsdp_worker, args=(free_port(),), nprocs=2, join=True)

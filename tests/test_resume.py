@@ -1,98 +1,47 @@
 import functools
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader
+from helpers import (
+    LayerNormNet,
+    NoDecayLayerNormNet,
+    StateAtTrainStart,
+    assert_same_state,
+    assert_same_training,
+    fit_with_checkpoints,
+    lightning_pytorch_model,
+    log_lines,
+    state_by_name,
+    trainer_kwargs,
+)
 
-from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, LayoutMismatchError, NoDecayMixin
+from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, LayoutMismatchError
 from lightning_nodecay.layout import LAYOUT_KEY
 
-LR, GAMMA = 0.01, 0.9
+LR, GAMMA = 0.01, 0.9  # the models' learning rate, and the schedule's factor per step
 
 
-class Net(pl.LightningModule):
-    """Linear, LayerNorm, Linear; one batch per epoch (Lightning resumes an epoch-end checkpoint as mid-epoch, so
-    with several batches the resumed run would see them in another order)."""
+class ResumeModel(NoDecayLayerNormNet):
+    """AdamW(lr=LR, weight_decay=0.1) and a StepLR stepped every step."""
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch).pow(2).mean()
-
-    def train_dataloader(self):
-        return DataLoader(RandomDataset(8, 4), batch_size=4)
-
-
-class ResumeModel(NoDecayMixin, Net):
-    def __init__(self, **declarations):
-        super().__init__()
-        self.optimizer = functools.partial(torch.optim.AdamW, lr=LR, weight_decay=0.1)
-        self.lr_scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=GAMMA)
-        self.lr_scheduler_config = {"interval": "step"}
-        for name, value in declarations.items():
-            setattr(self, name, value)
-
-
-class StateAtTrainStart(Callback):
-    """The optimizer state by parameter name right after Lightning restored it, before any step."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.state = state_by_name(trainer.optimizers[0], pl_module)
-        self.groups = [(g["name"], g["lr"], g["weight_decay"]) for g in trainer.optimizers[0].param_groups]
-
-
-def state_by_name(optimizer, module):
-    names = {id(p): n for n, p in module.named_parameters()}
-    return {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
-
-
-def assert_same_state(got, expected):
-    assert got.keys() == expected.keys()
-    for name, state in expected.items():
-        assert got[name].keys() == state.keys(), name
-        for key, value in state.items():
-            assert torch.equal(got[name][key], value), (name, key)
-
-
-def fit(tmp_path, model, max_steps, ckpt_path=None, callbacks=()):
-    """Fit; a run that does not resume saves a checkpoint after every epoch (= step)."""
-    if ckpt_path is None:
-        callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1), *callbacks]
-    kwargs = trainer_kwargs(
-        tmp_path, max_steps=max_steps, enable_checkpointing=ckpt_path is None, callbacks=list(callbacks)
-    )
-    trainer = pl.Trainer(**kwargs)
-    trainer.fit(model, ckpt_path=ckpt_path)
-    return trainer
-
-
-def resume_lines(log):
-    return [r.getMessage() for r in log.records if "NoDecayMixin resume" in r.getMessage()]
+    lr_scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=GAMMA)
+    lr_scheduler_config = {"interval": "step"}  # noqa: RUF012
 
 
 def test_resume_identical_code_matches_uninterrupted_run(tmp_path, nodecay_log):
     """Test that resuming mid-run with the same code gives bit-identical optimizer state and weights."""
     uninterrupted = ResumeModel()
-    trainer = fit(tmp_path / "a", uninterrupted, max_steps=6)
+    trainer = fit_with_checkpoints(tmp_path / "a", uninterrupted, max_steps=6)
     resumed = ResumeModel()
-    resumed_trainer = fit(tmp_path / "b", resumed, max_steps=6, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
-    assert resumed_trainer.global_step == 6
-    assert_same_state(
-        state_by_name(resumed_trainer.optimizers[0], resumed), state_by_name(trainer.optimizers[0], uninterrupted)
+    resumed_trainer = fit_with_checkpoints(
+        tmp_path / "b", resumed, max_steps=6, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt"
     )
-    for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters(), strict=True):
-        assert torch.equal(p, q), name
+    assert resumed_trainer.global_step == 6
+    assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
     assert [g["lr"] for g in resumed_trainer.optimizers[0].param_groups] == [
         g["lr"] for g in trainer.optimizers[0].param_groups
     ]
-    assert resume_lines(nodecay_log) == []
+    assert log_lines(nodecay_log, "NoDecayMixin resume") == []
 
 
 def test_resume_checkpoint_records_the_layout_after_the_safety_net(tmp_path):
@@ -102,7 +51,7 @@ def test_resume_checkpoint_records_the_layout_after_the_safety_net(tmp_path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.1)
 
-    fit(tmp_path, HandWritten(), max_steps=2)
+    fit_with_checkpoints(tmp_path, HandWritten(), max_steps=2)
     checkpoint = torch.load(tmp_path / "epoch=1-step=2.ckpt", weights_only=True)
     assert checkpoint[LAYOUT_KEY] == [  # one layout per optimizer
         [
@@ -137,12 +86,12 @@ def test_resume_checkpoint_records_the_layout_after_the_safety_net(tmp_path):
 def test_resume_changed_exclusions_remap_state_by_name(tmp_path, nodecay_log, declarations, groups, moved):
     """Test that a changed grouping gets each parameter's own saved state, logs the move, and trains on."""
     saving = ResumeModel()
-    saving_trainer = fit(tmp_path / "a", saving, max_steps=4)
+    saving_trainer = fit_with_checkpoints(tmp_path / "a", saving, max_steps=4)
     saved = state_by_name(saving_trainer.optimizers[0], saving)
 
     resumed = ResumeModel(**declarations)
     probe = StateAtTrainStart()
-    trainer = fit(
+    trainer = fit_with_checkpoints(
         tmp_path / "b", resumed, max_steps=6, ckpt_path=tmp_path / "a" / "epoch=3-step=4.ckpt", callbacks=[probe]
     )
 
@@ -155,7 +104,7 @@ def test_resume_changed_exclusions_remap_state_by_name(tmp_path, nodecay_log, de
     assert [(name, wd) for name, _, wd in probe.groups] == [(n, pytest.approx(weight_decay[n])) for n, _ in groups]
     assert trainer.global_step == 6
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [pytest.approx(LR * GAMMA**6)] * len(groups)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert moved in line
 
 
@@ -163,26 +112,28 @@ def test_resume_new_and_dropped_parameters_reported(tmp_path, nodecay_log):
     """Test that a newly trainable parameter starts fresh and a newly frozen one's state is dropped, both logged."""
     saving = ResumeModel()
     saving.net[2].bias.requires_grad_(False)
-    saving_trainer = fit(tmp_path / "a", saving, max_steps=2)
+    saving_trainer = fit_with_checkpoints(tmp_path / "a", saving, max_steps=2)
     saved = state_by_name(saving_trainer.optimizers[0], saving)
 
     resumed = ResumeModel()
     resumed.net[1].requires_grad_(False)
     probe = StateAtTrainStart()
-    fit(tmp_path / "b", resumed, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt", callbacks=[probe])
+    fit_with_checkpoints(
+        tmp_path / "b", resumed, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt", callbacks=[probe]
+    )
 
     del saved["net.1.weight"], saved["net.1.bias"]
     assert "net.2.bias" not in probe.state
     probe.state.pop("net.2.bias", None)
     assert_same_state(probe.state, saved)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "`net.2.bias`: new in `no_decay`, starts with fresh state" in line
     assert "`net.1.weight`: no longer in any group (was in `no_decay`), its state is dropped" in line
 
 
 def test_resume_changed_exclusions_error_policy(tmp_path):
     """Test that `on_layout_change = "error"` refuses the resume before any step, listing the move and the fixes."""
-    fit(tmp_path / "a", ResumeModel(), max_steps=2)
+    fit_with_checkpoints(tmp_path / "a", ResumeModel(), max_steps=2)
     checkpoint = torch.load(tmp_path / "a" / "epoch=1-step=2.ckpt", weights_only=True)
     resumed = ResumeModel(
         on_layout_change="error", no_decay_param_names=(*DEFAULT_NO_DECAY_PARAM_NAMES, "net.0.weight")
@@ -191,19 +142,21 @@ def test_resume_changed_exclusions_error_policy(tmp_path):
         LayoutMismatchError,
         match=r"(?s)differ from the checkpoint's.*`net.0.weight`: `decay` -> `no_decay`.*on_layout_change = 'remap'",
     ):
-        fit(tmp_path / "b", resumed, max_steps=4, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
+        fit_with_checkpoints(tmp_path / "b", resumed, max_steps=4, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
     for name, param in resumed.named_parameters():  # restored, never stepped
         assert torch.equal(param, checkpoint["state_dict"][name]), name
 
 
 def test_resume_error_policy_accepts_an_unchanged_layout(tmp_path):
     """Test that `error` does not get in the way when nothing changed."""
-    fit(tmp_path / "a", ResumeModel(), max_steps=2)
-    trainer = fit(tmp_path / "b", ResumeModel(on_layout_change="error"), 3, tmp_path / "a" / "epoch=1-step=2.ckpt")
+    fit_with_checkpoints(tmp_path / "a", ResumeModel(), max_steps=2)
+    trainer = fit_with_checkpoints(
+        tmp_path / "b", ResumeModel(on_layout_change="error"), 3, tmp_path / "a" / "epoch=1-step=2.ckpt"
+    )
     assert trainer.global_step == 3
 
 
-class PlainTwoGroups(Net):
+class PlainTwoGroups(LayerNormNet):
     """A LightningModule without the mixin whose hand-written groups happen to match the mixin's."""
 
     def configure_optimizers(self):
@@ -212,30 +165,32 @@ class PlainTwoGroups(Net):
         return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=LR, weight_decay=0.1)
 
 
-class PlainOneGroup(Net):
+class PlainOneGroup(LayerNormNet):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.1)
 
 
 def test_resume_plain_checkpoint_with_matching_groups_warns(tmp_path):
     """Test that a checkpoint saved without the mixin loads, with a warning that it cannot be checked."""
-    fit(tmp_path / "a", PlainTwoGroups(), max_steps=2)
+    fit_with_checkpoints(tmp_path / "a", PlainTwoGroups(), max_steps=2)
     model = ResumeModel()
     model.lr_scheduler = None
     with pytest.warns(UserWarning, match=r"no param-group layout \(it was saved without `NoDecayMixin`\)"):
-        trainer = fit(tmp_path / "b", model, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
+        trainer = fit_with_checkpoints(
+            tmp_path / "b", model, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt"
+        )
     assert trainer.global_step == 3
 
 
 def test_resume_plain_checkpoint_with_other_groups_raises(tmp_path):
     """Test that a plain single-group checkpoint cannot be forced onto the mixin's groups, with the way out."""
-    fit(tmp_path / "a", PlainOneGroup(), max_steps=2)
+    fit_with_checkpoints(tmp_path / "a", PlainOneGroup(), max_steps=2)
     model = ResumeModel()
     model.lr_scheduler = None
     with pytest.raises(
         LayoutMismatchError, match=r"groups hold \[6\] parameters, the current groups `decay` \(2\), `no_decay` \(4\)"
     ):
-        fit(tmp_path / "b", model, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
+        fit_with_checkpoints(tmp_path / "b", model, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
 
 
 def test_resume_user_checkpoint_hooks_still_run(tmp_path):
@@ -251,17 +206,17 @@ def test_resume_user_checkpoint_hooks_still_run(tmp_path):
             loaded.append(checkpoint["user"])
             super().on_load_checkpoint(checkpoint)
 
-    fit(tmp_path / "a", Hooked(), max_steps=2)
+    fit_with_checkpoints(tmp_path / "a", Hooked(), max_steps=2)
     checkpoint = torch.load(tmp_path / "a" / "epoch=1-step=2.ckpt", weights_only=True)
     assert checkpoint["user"] == 42
     assert LAYOUT_KEY in checkpoint
-    fit(tmp_path / "b", Hooked(), max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
+    fit_with_checkpoints(tmp_path / "b", Hooked(), max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
     assert loaded == [42]
 
 
 def test_resume_load_from_checkpoint_for_inference_is_quiet(tmp_path, recwarn):
     """Test that `load_from_checkpoint` (no Trainer, no optimizer) neither checks nor warns."""
-    fit(tmp_path / "a", PlainOneGroup(), max_steps=2)
+    fit_with_checkpoints(tmp_path / "a", PlainOneGroup(), max_steps=2)
     model = ResumeModel.load_from_checkpoint(tmp_path / "a" / "epoch=1-step=2.ckpt")
     assert not [w for w in recwarn if "param-group layout" in str(w.message)]
     assert "_nodecay_checkpoint" not in model.__dict__
@@ -270,32 +225,16 @@ def test_resume_load_from_checkpoint_for_inference_is_quiet(tmp_path, recwarn):
 def test_resume_remap_with_lightning_namespace(tmp_path, nodecay_log):
     """Test that the layout check and remap work the same with a `lightning.pytorch` Trainer and module."""
     lightning = pytest.importorskip("lightning")
-
-    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
-        def __init__(self, **declarations):
-            super().__init__()
-            torch.manual_seed(0)
-            self.layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-            self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-            for name, value in declarations.items():
-                setattr(self, name, value)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch).pow(2).mean()
-
-        def train_dataloader(self):
-            return DataLoader(torch.randn(4, 4), batch_size=4)
-
-    saving = Net()
+    saving = lightning_pytorch_model()
     checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     kwargs = trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
     saving_trainer = lightning.pytorch.Trainer(**kwargs)
     saving_trainer.fit(saving)
     saved = state_by_name(saving_trainer.optimizers[0], saving)
-    resumed = Net(no_decay_param_names=(*DEFAULT_NO_DECAY_PARAM_NAMES, "layer.0.weight"))
+    resumed = lightning_pytorch_model(no_decay_param_names=("*",))  # the `decay` group goes away
     probe = StateAtTrainStart()
     trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[probe]))
     trainer.fit(resumed, ckpt_path=checkpoint.last_model_path)
     assert_same_state(probe.state, saved)
-    [line] = resume_lines(nodecay_log)
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "groups `decay`, `no_decay` -> `no_decay`" in line

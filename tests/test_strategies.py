@@ -1,42 +1,27 @@
-import functools
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, trainer_kwargs
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from helpers import (
+    NoDecayLayerNormNet,
+    StateAtTrainStart,
+    assert_same_state,
+    fit_with_checkpoints,
+    group_names,
+    log_lines,
+    state_by_name,
+    trainer_kwargs,
+)
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_nodecay import (
     DEFAULT_NO_DECAY_PARAM_NAMES,
     LayoutMismatchError,
-    NoDecayMixin,
     decide,
     layout_of,
     param_groups,
     summarize,
 )
-
-
-class Model(NoDecayMixin, pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-        self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch).pow(2).mean()
-
-    def train_dataloader(self):
-        return DataLoader(RandomDataset(8, 4), batch_size=4)
-
-
-def group_names(optimizer, model):
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {g.get("name"): [names[id(p)] for p in g["params"]] for g in optimizer.param_groups}
 
 
 def freeze_weights(model):
@@ -59,7 +44,7 @@ def freeze_excluded(model):
 )
 def test_empty_groups_never_reach_the_optimizer(tmp_path, freeze, expected):
     """Test that a group emptied by freezing is left out (DeepSpeed ZeRO-1/2 crash on empty groups); training runs."""
-    model = Model()
+    model = NoDecayLayerNormNet()
     freeze(model)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2))
     trainer.fit(model)
@@ -70,7 +55,7 @@ def test_empty_groups_never_reach_the_optimizer(tmp_path, freeze, expected):
 def test_configure_param_groups_generators_and_empty_groups(tmp_path):
     """Test that groups given as generators keep their parameters and empty groups are dropped."""
 
-    class Custom(Model):
+    class Custom(NoDecayLayerNormNet):
         def configure_param_groups(self):
             return [
                 {"name": "first", "params": self.net[0].parameters()},
@@ -92,15 +77,13 @@ def test_configure_param_groups_generators_and_empty_groups(tmp_path):
 
 def test_group_emptied_by_freezing_on_resume_is_remapped(tmp_path, nodecay_log):
     """Test resuming with every decayed weight frozen: the `decay` group disappears, its state is dropped, logged."""
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
-    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])).fit(Model())
-    model = Model()
+    fit_with_checkpoints(tmp_path, NoDecayLayerNormNet(), max_steps=2)
+    model = NoDecayLayerNormNet()
     freeze_weights(model)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3))
-    trainer.fit(model, ckpt_path=tmp_path / "epoch=1-step=2.ckpt")
+    trainer = fit_with_checkpoints(tmp_path, model, max_steps=3, ckpt_path=tmp_path / "epoch=1-step=2.ckpt")
     assert list(group_names(trainer.optimizers[0], model)) == ["no_decay"]
     assert trainer.global_step == 3
-    [line] = [r.getMessage() for r in nodecay_log.records if "NoDecayMixin resume" in r.getMessage()]
+    [line] = log_lines(nodecay_log, "NoDecayMixin resume")
     assert "groups `decay`, `no_decay` -> `no_decay`" in line
     assert "`net.0.weight`: no longer in any group (was in `decay`), its state is dropped" in line
 
@@ -154,40 +137,25 @@ class SelfRestoringStrategy(LateRestoreStrategy):
         return False
 
 
-class StateAtTrainStart(Callback):
-    def on_train_start(self, trainer, pl_module):
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        self.state = {
-            names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizers[0].state.items()
-        }
-
-
 def test_late_restore_strategy_remaps_in_on_load_checkpoint(tmp_path):
     """Test the FSDP/DeepSpeed order (optimizers exist before the checkpoint is read): the state is remapped by name."""
-    saving = Model()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint]))
-    trainer.fit(saving)
-    names = {id(p): n for n, p in saving.named_parameters()}
-    saved = {names[id(p)]: s for p, s in trainer.optimizers[0].state.items()}
-    model = Model()
+    saving = NoDecayLayerNormNet()
+    trainer = fit_with_checkpoints(tmp_path, saving, max_steps=2)
+    saved = state_by_name(trainer.optimizers[0], saving)
+    model = NoDecayLayerNormNet()
     model.no_decay_param_names = (*DEFAULT_NO_DECAY_PARAM_NAMES, "net.0.weight")
     probe = StateAtTrainStart()
     strategy = LateRestoreStrategy(device=torch.device("cpu"))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, strategy=strategy, callbacks=[probe]))
     trainer.fit(model, ckpt_path=tmp_path / "epoch=1-step=2.ckpt")
-    assert probe.state.keys() == saved.keys()
-    for name, state in saved.items():
-        for key, value in state.items():
-            assert torch.equal(probe.state[name][key], value), (name, key)
+    assert_same_state(probe.state, saved)
     assert group_names(trainer.optimizers[0], model)["decay"] == ["net.2.weight"]
 
 
 def test_self_restoring_strategy_refuses_a_changed_layout(tmp_path):
     """Test that a changed layout is refused when the strategy restores optimizer state itself (cannot remap)."""
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
-    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])).fit(Model())
-    model = Model()
+    fit_with_checkpoints(tmp_path, NoDecayLayerNormNet(), max_steps=2)
+    model = NoDecayLayerNormNet()
     model.no_decay_param_names = (*DEFAULT_NO_DECAY_PARAM_NAMES, "net.0.weight")
     strategy = SelfRestoringStrategy(device=torch.device("cpu"))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, strategy=strategy))
