@@ -45,7 +45,7 @@ def split_excluded(
         >>> net = nn.Linear(2, 2)
         >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
         >>> split_excluded(optimizer, decide(net))
-        ['AdamW group 0: moved 1 excluded tensor (bias) to new group `no_decay` with weight_decay=0.0']
+        ['AdamW group `pg1`: moved 1 excluded tensor (bias) to new group `no_decay` with weight_decay=0.0']
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups]
         [('decay', 0.1), ('no_decay', 0.0)]
     """
@@ -59,7 +59,8 @@ def split_excluded(
             continue
         names = listed([excluded[id(p)] for p in moving])
         plural = "s" * (len(moving) > 1)
-        what = f"{type(optimizer).__name__} group {index}: moved {len(moving)} excluded tensor{plural} ({names})"
+        label = group_label(group, index)
+        what = f"{type(optimizer).__name__} group `{label}`: moved {len(moving)} excluded tensor{plural} ({names})"
         if len(moving) == len(group["params"]):
             group["weight_decay"] = 0.0
             messages.append(f"{what}: the whole group, set its weight_decay=0.0")

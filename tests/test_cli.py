@@ -58,4 +58,4 @@ def test_cli_own_optimizer_flag_kept_in_check_by_safety_net(tmp_path, nodecay_lo
     # ExponentialLR steps per epoch: still at the initial lr in both groups, and it knows about both groups
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == [0.01, 0.01]
-    assert log_lines(nodecay_log, "safety net: AdamW group 0: moved 1 excluded tensor")
+    assert log_lines(nodecay_log, "safety net: AdamW group `pg1`: moved 1 excluded tensor")

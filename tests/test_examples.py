@@ -46,7 +46,7 @@ def test_cli_example_own_optimizer_flag_split_by_safety_net(tmp_path):
     )
     assert "SGD group 'decay': 4 tensors, weight_decay=0.01," in result.stdout
     assert "SGD group 'no_decay': 11 tensors, weight_decay=0.0," in result.stdout
-    assert "NoDecayMixin safety net: SGD group 0: moved 11 excluded tensors" in result.stderr
+    assert "NoDecayMixin safety net: SGD group `pg1`: moved 11 excluded tensors" in result.stderr
 
 
 def test_finetune_example_unfrozen_backbone_split(tmp_path):

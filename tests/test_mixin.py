@@ -161,7 +161,7 @@ def test_mixin_safety_net_splits_hand_written_optimizer(tmp_path, nodecay_log):
     )
     split_lines = log_lines(nodecay_log, "safety net")
     assert split_lines == [
-        "NoDecayMixin safety net: SGD group 0: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
+        "NoDecayMixin safety net: SGD group `pg1`: moved 1 excluded tensor (layer.bias) to new group `no_decay`"
         " with weight_decay=0.0."
     ]
 

@@ -281,7 +281,7 @@ def test_monitor_under_ddp_logs_the_norms_of_the_weights(tmp_path):
         groups = json.loads((tmp_path / f"groups_rank{rank}.json").read_text())
         assert groups == [["decay", 1, 0.1], ["no_decay", 1, 0.0]]
     assert result.stderr.count("Weight decay groups of `HandWrittenOptimizer`") == 1
-    assert result.stderr.count("NoDecayMixin safety net: AdamW group 0: moved 1 excluded tensor (layer.bias)") == 1
+    assert result.stderr.count("NoDecayMixin safety net: AdamW group `pg1`: moved 1 excluded tensor (layer.bias)") == 1
     weights = [torch.load(tmp_path / f"final_rank{rank}.pt") for rank in range(2)]
     assert torch.equal(weights[0]["layer.weight"], weights[1]["layer.weight"])
     logger_dir = tmp_path / "csv" / "version_0"
