@@ -1,4 +1,4 @@
-"""The bad-input catalogue (docs/reliability.md): each misuse raises or warns naming the culprit and the fix.
+"""The bad-input catalogue (README, "Bad-input catalogue"): each misuse raises or warns naming the culprit and the fix.
 
 Rows tested elsewhere: resuming with a changed layout (`test_resume.py`), a checkpoint without layout
 (`test_resume.py`), FSDP flat parameters (`test_properties.py`), Lightning's `BackboneFinetuning` with the
