@@ -485,7 +485,7 @@ def param_groups(
     """
     rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers, weight_decay_l1)
     _, params, verdicts = _judge(module, rules, strict, with_names=False)
-    groups = _groups(params, verdicts)
+    groups = _groups_from_verdicts(params, verdicts)
     unresolved = [g["name"] for g in groups if "weight_decay" not in g and g["weight_decay_multiplier"] != 1]
     if unresolved and weight_decay is None:
         raise ValueError(
@@ -500,12 +500,14 @@ def param_groups(
 
 def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, Any]]:
     """Group decisions by multiplier and penalty, in the documented order; multipliers stay unresolved."""
-    decisions = list(decisions)
-    return _groups([d.param for d in decisions], [(d.multiplier, d.reason, d.penalty) for d in decisions])
+    by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
+    for decision in decisions:
+        by_kind.setdefault((decision.multiplier, decision.penalty), []).append(decision.param)
+    return _ordered_groups(by_kind)
 
 
-def _groups(params: Iterable[nn.Parameter], verdicts: Iterable[_Verdict]) -> list[dict[str, Any]]:
-    """Group parameters by the multiplier and penalty of their verdicts, in the documented order."""
+def _groups_from_verdicts(params: Iterable[nn.Parameter], verdicts: Iterable[_Verdict]) -> list[dict[str, Any]]:
+    """Group parameters by the multiplier and penalty of their verdicts, like :func:`groups_from_decisions`."""
     by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
     by_verdict: dict[_Verdict, list[nn.Parameter]] = {}  # few distinct verdicts: no tuple built per parameter
     for param, verdict in zip(params, verdicts, strict=True):
@@ -513,6 +515,11 @@ def _groups(params: Iterable[nn.Parameter], verdicts: Iterable[_Verdict]) -> lis
         if members is None:
             members = by_verdict[verdict] = by_kind.setdefault((verdict[0], verdict[2]), [])
         members.append(param)
+    return _ordered_groups(by_kind)
+
+
+def _ordered_groups(by_kind: dict[tuple[float, Penalty], list[nn.Parameter]]) -> list[dict[str, Any]]:
+    """Param groups from ``{(multiplier, penalty): parameters}``, in the documented order."""
     order = sorted(by_kind, key=lambda kind: (kind[1] == "l1", kind[0] != 1, kind[0] != 0, kind[0]))
     groups = []
     for multiplier, penalty in order:
