@@ -1,6 +1,8 @@
 """Time `param_groups` on deep stacks of Linear+LayerNorm blocks with tied weights.
 
-Run: `python benchmarks/bench_param_groups.py`. Prints a table; best of several runs, one thread.
+Run: `python benchmarks/bench_param_groups.py`. Prints a table; best of several rounds, one thread. Each
+round times both functions on every size, in alternating order, so load from other processes hits all
+columns alike (the growth column compares sizes).
 The reference is timm's `param_groups_weight_decay`, written out below (timm is not a dependency):
 it does far less (an `ndim` rule and a name list, no module types, patterns, declarations, ties
 or wrappers) and is the speed users already accept.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _bench import best_time, print_table
+from _bench import best_times, print_table
 from torch import nn
 
 from lightning_nodecay import param_groups
@@ -44,15 +46,15 @@ def stack(tensors: int, width: int = 4) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    models = [stack(size) for size in (1_000, 10_000, 40_000)]
+    fns = [(lambda m=m: param_groups(m), lambda m=m: timm_param_groups_weight_decay(m)) for m in models]
+    times = best_times([fn for pair in fns for fn in pair], args.repeats)
     rows, previous = [], None
-    for size in (1_000, 10_000, 40_000):
-        model = stack(size)
+    for model, ours, timm in zip(models, times[0::2], times[1::2], strict=True):
         registered = sum(1 for m in model.modules() for _ in m.parameters(recurse=False))
-        ours = best_time(lambda model=model: param_groups(model), args.repeats)
-        timm = best_time(lambda model=model: timm_param_groups_weight_decay(model), args.repeats)
         growth = f"{ours / previous:.2f}" if previous else "-"
         rows.append((f"{registered:,}", f"{ours * 1e3:.1f}", f"{timm * 1e3:.1f}", f"{ours / timm:.2f}", growth))
         previous = ours

@@ -20,9 +20,9 @@ gets; a mask on a parameter with no decay is an error.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 from torch import nn
 
@@ -44,9 +44,24 @@ MultiplierKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias: `|` need
 Penalty = Literal["l2", "l1"]
 
 DECAY, NO_DECAY = "decay", "no_decay"
+#: What a rule proposes for a parameter: ``(multiplier, reason)``.
+_Proposal = tuple[float, str]
+#: A :class:`DecayDecision` without name and parameter: ``(multiplier, reason, penalty)``. Verdicts
+#: are plain tuples, mostly shared between parameters: `param_groups` builds no object per parameter.
+_Verdict = tuple[float, str, Penalty]
 _DEFAULT = (1.0, "default")
 #: The param-group key that asks for an L1 penalty instead of L2: ``{"weight_decay_penalty": "l1"}``.
 PENALTY_KEY = "weight_decay_penalty"
+
+
+class _OwnerRules(NamedTuple):
+    """What the rules say about the parameters a module registers, before their names are known."""
+
+    #: the smallest multiplier the module's type proposes, or ``None``
+    proposal: _Proposal | None
+    #: ``{own parameter name: verdict}`` for verdicts decided by the proposal and the own name alone;
+    #: shared by every module with the same proposal, so in a deep model a look-up decides most parameters
+    memo: dict[str, _Verdict]
 
 
 @dataclass(slots=True)
@@ -110,9 +125,11 @@ class _Rules:
         self._pattern_reasons = {p: f"name pattern `{p}`" for p in self.patterns.patterns}
         # a module's proposal depends on its class alone unless a rule is an arbitrary predicate
         rules = (*self.predicates, *(rule for rule, _ in self.multiplier_modules))
-        self._by_class: dict[type, tuple[float, str] | None] | None = (
+        self._by_class: dict[type, _OwnerRules] | None = (
             {} if all(isinstance(r, type) or r is norm_by_class_name for r in rules) else None
         )
+        self._memos: dict[_Proposal | None, dict[str, _Verdict]] = {}
+        self._all_patterns = (self.patterns, *(patterns for patterns, _ in self.multiplier_patterns))
 
     def user_patterns(self) -> list[tuple[str, str]]:
         """``(pattern, argument)`` of every user-declared name pattern, for the ``strict`` check."""
@@ -128,16 +145,21 @@ class _Rules:
         pattern = self.l1_patterns.match(name, leaf)
         return None if pattern is None else f"L1 rule `{pattern}`"
 
-    def module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
-        """The smallest multiplier proposed for the parameters owned by ``module``."""
+    def for_owner(self, module: nn.Module) -> _OwnerRules:
+        """The rules for the parameters registered directly on ``module``."""
         if self._by_class is None:
-            return self._module_proposal(module)
+            return self._owner_rules(module)
         cls = type(module)
-        if cls not in self._by_class:
-            self._by_class[cls] = self._module_proposal(module)
-        return self._by_class[cls]
+        known = self._by_class.get(cls)
+        if known is None:
+            known = self._by_class[cls] = self._owner_rules(module)
+        return known
 
-    def _module_proposal(self, module: nn.Module) -> tuple[float, str] | None:
+    def _owner_rules(self, module: nn.Module) -> _OwnerRules:
+        proposal = self._module_proposal(module)
+        return _OwnerRules(proposal, self._memos.setdefault(proposal, {}))
+
+    def _module_proposal(self, module: nn.Module) -> _Proposal | None:
         if self.types and isinstance(module, self.types):
             return 0.0, f"module type `{type(module).__name__}`"
         for predicate in self.predicates:
@@ -151,20 +173,37 @@ class _Rules:
                 best = (multiplier, f"multiplier rule `{rule_label(rule)}`")
         return best
 
-    def proposal(
-        self, name: str, leaf: str, module_proposal: tuple[float, str] | None, declared: str | None
-    ) -> tuple[float, str]:
+    def verdict(
+        self,
+        name: str,
+        leaf: str,
+        owner_rules: _OwnerRules,
+        declared: str | None,
+    ) -> _Verdict:
         """The smallest multiplier proposed for parameter ``name`` (own name ``leaf``), and why.
 
-        On a tie the first reason in this order is kept: module, declaration, name pattern. The
-        caller has handled a module proposal of 0 already.
+        ``owner_rules`` are those of the module that registers the parameter. On a tie the first
+        reason in this order is kept: module, declaration, name pattern. The verdict is kept in the
+        memo of ``owner_rules`` when nothing but their proposal and ``leaf`` decided it.
         """
+        proposal, memo = owner_rules
+        verdict: _Verdict
+        if proposal is not None and proposal[0] == 0:  # nothing can go lower
+            verdict = memo[leaf] = (proposal[0], proposal[1], "l2")
+            return verdict
         if declared is not None:
-            return 0.0, declared
+            return 0.0, declared, "l2"
+        multiplier, reason = self._pattern_proposal(name, leaf, proposal)
+        verdict = (multiplier, reason, "l2")
+        if all(patterns.decided_by_leaf(leaf) for patterns in self._all_patterns):
+            memo[leaf] = verdict
+        return verdict
+
+    def _pattern_proposal(self, name: str, leaf: str, proposal: _Proposal | None) -> _Proposal:
         pattern = self.patterns.match(name, leaf)
         if pattern is not None:
             return 0.0, self._pattern_reasons[pattern]
-        best = module_proposal
+        best = proposal
         for patterns, multiplier in self.multiplier_patterns:
             hit = patterns.match(name, leaf)
             if hit is not None and (best is None or multiplier < best[0]):
@@ -232,20 +271,41 @@ def decide(
          ('1.weight', 0.0, 'module type `LayerNorm`'), ('1.bias', 0.0, 'module type `LayerNorm`')]
     """
     rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers, weight_decay_l1)
-    decisions: dict[int, DecayDecision] = {}
+    names, params, verdicts = _judge(module, rules, strict, with_names=True)
+    return [DecayDecision(name, param, *verdict) for name, param, verdict in zip(names, params, verdicts, strict=True)]
+
+
+class _Judged(NamedTuple):
+    """The trainable parameters of a module, each once, in ``named_parameters()`` order, with verdicts."""
+
+    names: list[str]
+    params: list[nn.Parameter]
+    verdicts: Collection[_Verdict]
+
+
+def _judge(module: nn.Module, rules: _Rules, strict: bool, with_names: bool) -> _Judged:
+    """What :func:`decide` returns, as parallel sequences; ``names`` stays empty unless ``with_names``.
+
+    :func:`param_groups` needs no names: keeping a string per parameter alive would cost it time.
+    """
+    verdicts: dict[int, _Verdict] = {}  # by `id(param)`: each parameter once, in the order first met
+    params: list[nn.Parameter] = []
+    names: list[str] = []
     l1: dict[int, str] = {}
     declared: dict[str, str] = {}
     user_patterns = rules.user_patterns() if strict else []
     all_names: list[str] | None = [] if user_patterns else None
     any_l1 = bool(rules.l1_modules or rules.l1_patterns.patterns)
+    declares = _Declares()
     for prefix, owner in _owners(_unwrap(module)):
-        if getattr(type(owner), "no_weight_decay", None) is not None:
+        if declares[type(owner)]:
             declared.update(_declared_names(prefix, owner))
-        params = owner._parameters  # what `named_parameters(recurse=False)` reads, without its overhead
-        if not params:
+        owned = owner._parameters  # what `named_parameters(recurse=False)` reads, without its overhead
+        if not owned:
             continue
-        module_proposal = rules.module_proposal(owner)
-        for own_name, param in params.items():
+        owner_rules = rules.for_owner(owner)
+        memo = owner_rules.memo
+        for own_name, param in owned.items():
             if param is None:
                 continue
             name = prefix + own_name
@@ -255,16 +315,18 @@ def decide(
                 _refuse_flat_parameter(name)
             if not param.requires_grad:
                 continue
-            if module_proposal is not None and module_proposal[0] == 0:  # nothing can go lower
-                multiplier, reason = module_proposal
-            else:
-                multiplier, reason = rules.proposal(name, own_name, module_proposal, declared.get(name))
+            verdict = memo.get(own_name)  # most parameters: a dict look-up instead of matching rules
+            if verdict is None or name in declared:
+                verdict = rules.verdict(name, own_name, owner_rules, declared.get(name))
             key = id(param)
-            seen = decisions.get(key)
+            seen = verdicts.get(key)
             if seen is None:
-                decisions[key] = DecayDecision(name, param, multiplier, reason)
-            elif multiplier < seen.multiplier:  # a tied parameter: the smallest proposal of all paths wins
-                seen.multiplier, seen.reason = multiplier, f"tied to `{name}`: {reason}"
+                verdicts[key] = verdict
+                params.append(param)
+                if with_names:
+                    names.append(name)
+            elif verdict[0] < seen[0]:  # a tied parameter: the smallest proposal of all paths wins
+                verdicts[key] = (verdict[0], f"tied to `{name}`: {verdict[1]}", "l2")
             if any_l1 and key not in l1:
                 l1_rule = rules.l1_proposal(owner, name, own_name)
                 if l1_rule is not None:
@@ -272,15 +334,27 @@ def decide(
     if all_names is not None:
         _check_all_patterns_match(user_patterns, all_names)
     for key, l1_rule in l1.items():
-        _use_l1(decisions[key], l1_rule)
-    return list(decisions.values())
+        verdicts[key] = _use_l1(verdicts[key], l1_rule)
+    return _Judged(names, params, verdicts.values())
 
 
-def _use_l1(decision: DecayDecision, rule: str) -> None:
+class _Declares(dict[type, bool]):
+    """``{module class: whether it defines no_weight_decay()}``, filled as classes are met.
+
+    A failed ``getattr`` raises and catches an exception: a look-up here is far cheaper.
+    """
+
+    def __missing__(self, cls: type) -> bool:
+        self[cls] = declares = getattr(cls, "no_weight_decay", None) is not None
+        return declares
+
+
+def _use_l1(verdict: _Verdict, rule: str) -> _Verdict:
     """An L1 rule switches a decayed parameter's penalty to L1; excluded parameters stay excluded."""
-    if decision.multiplier > 0:
-        decision.penalty = "l1"
-        decision.reason = rule if decision.reason == "default" else f"{decision.reason}, {rule}"
+    multiplier, reason, _ = verdict
+    if multiplier == 0:
+        return verdict
+    return multiplier, rule if reason == "default" else f"{reason}, {rule}", "l1"
 
 
 def _owners(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -293,9 +367,11 @@ def _owners(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     while stack:
         prefix, owner = stack.pop()
         yield prefix, owner
-        for name, child in reversed(owner._modules.items()):
-            if child is not None:
-                stack.append((prefix if name in WRAPPER_SEGMENTS else f"{prefix}{name}.", child))
+        children = owner._modules
+        if children:  # most modules are leaves: skip building a reversed view of nothing
+            for name, child in reversed(children.items()):
+                if child is not None:
+                    stack.append((prefix if name in WRAPPER_SEGMENTS else f"{prefix}{name}.", child))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -407,15 +483,9 @@ def param_groups(
         >>> [g["weight_decay"] for g in optimizer.param_groups]
         [0.05, 0.0]
     """
-    decisions = decide(
-        module,
-        no_decay_module_types=no_decay_module_types,
-        no_decay_param_names=no_decay_param_names,
-        weight_decay_multipliers=weight_decay_multipliers,
-        weight_decay_l1=weight_decay_l1,
-        strict=strict,
-    )
-    groups = groups_from_decisions(decisions)
+    rules = _Rules(no_decay_module_types, no_decay_param_names, weight_decay_multipliers, weight_decay_l1)
+    _, params, verdicts = _judge(module, rules, strict, with_names=False)
+    groups = _groups_from_verdicts(params, verdicts)
     unresolved = [g["name"] for g in groups if "weight_decay" not in g and g["weight_decay_multiplier"] != 1]
     if unresolved and weight_decay is None:
         raise ValueError(
@@ -433,6 +503,23 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
     by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
     for decision in decisions:
         by_kind.setdefault((decision.multiplier, decision.penalty), []).append(decision.param)
+    return _ordered_groups(by_kind)
+
+
+def _groups_from_verdicts(params: Iterable[nn.Parameter], verdicts: Iterable[_Verdict]) -> list[dict[str, Any]]:
+    """Group parameters by the multiplier and penalty of their verdicts, like :func:`groups_from_decisions`."""
+    by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
+    by_verdict: dict[_Verdict, list[nn.Parameter]] = {}  # few distinct verdicts: no tuple built per parameter
+    for param, verdict in zip(params, verdicts, strict=True):
+        members = by_verdict.get(verdict)
+        if members is None:
+            members = by_verdict[verdict] = by_kind.setdefault((verdict[0], verdict[2]), [])
+        members.append(param)
+    return _ordered_groups(by_kind)
+
+
+def _ordered_groups(by_kind: dict[tuple[float, Penalty], list[nn.Parameter]]) -> list[dict[str, Any]]:
+    """Param groups from ``{(multiplier, penalty): parameters}``, in the documented order."""
     order = sorted(by_kind, key=lambda kind: (kind[1] == "l1", kind[0] != 1, kind[0] != 0, kind[0]))
     groups = []
     for multiplier, penalty in order:

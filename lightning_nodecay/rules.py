@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import Union
 
 from torch import nn
@@ -158,6 +158,21 @@ class NamePatterns:
         self._literal_leaf = {p: p for p in self.patterns if "." not in p and not _is_glob(p)}
         self._glob_leaf = [(p, _compile(p)) for p in self.patterns if "." not in p and _is_glob(p)]
         self._qualified = [(p, _compile(p)) for p in self.patterns if "." in p]
+        self._qualified_last = [_last_segment_regex(p) for p in self.patterns if "." in p]
+
+    def decided_by_leaf(self, leaf: str) -> bool:
+        """Tell whether every name whose own name is ``leaf`` gets the same match, whatever its prefix.
+
+        A dotted pattern only matches names whose own name matches its last segment; a last segment
+        that may match anything (``**``, or a character class such as ``[!x]``, which may match a
+        dot) makes every ``leaf`` depend on its prefix.
+
+        Example:
+            >>> patterns = NamePatterns(["bias", "encoder.*.pos_embed"])
+            >>> patterns.decided_by_leaf("weight"), patterns.decided_by_leaf("pos_embed")
+            (True, False)
+        """
+        return not any(last is None or last.fullmatch(leaf) for last in self._qualified_last)
 
     def match(self, name: str, leaf: str | None = None) -> str | None:
         """Return the first pattern matching the cleaned qualified ``name``, or ``None``.
@@ -203,6 +218,14 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+@lru_cache(maxsize=512)  # once per pattern, not once per grouping
+def _last_segment_regex(pattern: str) -> re.Pattern[str] | None:
+    """The regex of a dotted pattern's last segment, or ``None`` when it may match any own name."""
+    last = pattern.rpartition(".")[2]
+    return None if last == "**" or "[" in last else re.compile(_segment_regex(last))
+
+
+@lru_cache(maxsize=512)  # once per pattern, not once per grouping
 def _compile(pattern: str) -> re.Pattern[str]:
     segments = pattern.split(".")
     regex = ""
