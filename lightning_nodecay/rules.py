@@ -256,7 +256,8 @@ def _segment_regex(segment: str) -> str:
         elif c == "[" and "]" in segment[i + 2 :]:
             end = segment.index("]", i + 2)
             body = segment[i + 1 : end].replace("\\", "\\\\")
-            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            # a class never matches the dot between segments: exclude it from negated classes and ranges
+            out.append("[^." + body[1:] + "]" if body.startswith("!") else "(?!\\.)[" + body + "]")
             i = end
         else:
             out.append(re.escape(c))
