@@ -1,32 +1,25 @@
-"""Weight decay on the parameters that should have it, and not on the others, for PyTorch Lightning."""
+"""Weight decay on the parameters that should have it, and not on the others, for PyTorch Lightning.
+
+The pure-PyTorch core (``param_groups``, ``decide``, the step hook, norms) imports no Lightning; the
+Lightning glue (the mixin and the callbacks) is imported on first use.
+"""
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_nodecay.groups import DecayDecision, decide, group_name, param_groups
-from lightning_nodecay.layout import (
-    GroupLayout,
-    Layout,
-    LayoutDiff,
-    LayoutMismatchError,
-    compare_layouts,
-    layout_of,
-    remap_optimizer_state,
-    remap_scheduler_state,
-)
-from lightning_nodecay.masks import DecayStyle, WeightDecayMasks, apply_weight_decay_masks, attached_masks
-from lightning_nodecay.mixin import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
-from lightning_nodecay.norms import GroupNorms, group_norms
+from lightning_nodecay._layout import LayoutMismatchError
+from lightning_nodecay._semantics import DecayStyle
+from lightning_nodecay.groups import DecayDecision, decide, param_groups
+from lightning_nodecay.hook import WeightDecayHook, attach_weight_decay_hook
+from lightning_nodecay.norms import GroupNorms, fsdp_shard_group, group_norms
 from lightning_nodecay.plot import plot_weight_norms
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,
     DEFAULT_NO_DECAY_PARAM_NAMES,
-    NamePatterns,
-    clean_name,
+    GroupRules,
     norm_by_class_name,
 )
-from lightning_nodecay.safety_net import split_excluded
-from lightning_nodecay.summary import DecaySummary, GroupSummary, summarize
+from lightning_nodecay.summary import DecaySummary, summarize
 
 if TYPE_CHECKING:
     from lightning_nodecay.finetuning import (
@@ -34,6 +27,7 @@ if TYPE_CHECKING:
         NoDecayFinetuning,
         unfreeze_and_add_param_groups,
     )
+    from lightning_nodecay.mixin import NoDecayMixin
     from lightning_nodecay.monitor import WeightNormMonitor
 
 __version__ = "0.1.0"
@@ -41,6 +35,7 @@ __version__ = "0.1.0"
 #: Names whose modules import Lightning, loaded on first use so the pure-PyTorch core imports fast
 #: (``from lightning_nodecay import param_groups`` needs only torch).
 _LIGHTNING_GLUE = {
+    "NoDecayMixin": "lightning_nodecay.mixin",
     "WeightNormMonitor": "lightning_nodecay.monitor",
     "NoDecayBackboneFinetuning": "lightning_nodecay.finetuning",
     "NoDecayFinetuning": "lightning_nodecay.finetuning",
@@ -60,34 +55,21 @@ __all__ = [
     "DecayDecision",
     "DecayStyle",
     "DecaySummary",
-    "GroupLayout",
     "GroupNorms",
-    "GroupSummary",
-    "LRSchedulerCallable",
-    "Layout",
-    "LayoutDiff",
+    "GroupRules",
     "LayoutMismatchError",
-    "NamePatterns",
     "NoDecayBackboneFinetuning",
     "NoDecayFinetuning",
     "NoDecayMixin",
-    "OptimizerCallable",
-    "WeightDecayMasks",
+    "WeightDecayHook",
     "WeightNormMonitor",
-    "apply_weight_decay_masks",
-    "attached_masks",
-    "clean_name",
-    "compare_layouts",
+    "attach_weight_decay_hook",
     "decide",
-    "group_name",
+    "fsdp_shard_group",
     "group_norms",
-    "layout_of",
     "norm_by_class_name",
     "param_groups",
     "plot_weight_norms",
-    "remap_optimizer_state",
-    "remap_scheduler_state",
-    "split_excluded",
     "summarize",
     "unfreeze_and_add_param_groups",
 ]

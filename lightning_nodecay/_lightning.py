@@ -1,14 +1,17 @@
-"""The one place that picks the Lightning namespace(s).
+"""The one place that imports Lightning, and picks the namespace(s).
 
-``pytorch_lightning`` is required. When the unified ``lightning`` package is installed too, the
-callbacks of this library inherit from both namespaces' ``Callback`` classes, so one class (one
-implementation) is accepted by a ``pytorch_lightning.Trainer`` and a ``lightning.pytorch.Trainer``.
+``pytorch_lightning`` is required. When the unified ``lightning`` package is installed too, the callback
+bases here inherit from both namespaces' classes, so one class (one implementation) is accepted by a
+``pytorch_lightning.Trainer`` and a ``lightning.pytorch.Trainer``. Type checkers see the
+``pytorch_lightning`` classes.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytorch_lightning
 
@@ -28,17 +31,25 @@ def _namespaces() -> tuple[ModuleType, ...]:
 NAMESPACES = _namespaces()
 
 
-def bases(name: str) -> tuple[type, ...]:
-    """The class ``name`` (e.g. ``"callbacks.Callback"``) from every installed namespace.
+def _merged(path: str) -> type:
+    """The class at ``path`` (e.g. ``"callbacks.Callback"``) of every namespace, merged into one class.
 
     Example:
-        >>> import pytorch_lightning
-        >>> pytorch_lightning.Callback in bases("callbacks.Callback")
+        >>> issubclass(_merged("callbacks.Callback"), pytorch_lightning.Callback)
         True
     """
-    module_path, _, attribute = name.rpartition(".")
-    found = []
-    for namespace in NAMESPACES:
-        module = importlib.import_module(f"{namespace.__name__}.{module_path}")
-        found.append(getattr(module, attribute))
-    return tuple(found)
+    module_path, _, attribute = path.rpartition(".")
+    found = tuple(
+        getattr(importlib.import_module(f"{namespace.__name__}.{module_path}"), attribute) for namespace in NAMESPACES
+    )
+    return found[0] if len(found) == 1 else type(attribute, found, {"__module__": __name__})
+
+
+if TYPE_CHECKING:
+    from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, Callback
+else:
+    Callback = _merged("callbacks.Callback")
+    BaseFinetuning = _merged("callbacks.BaseFinetuning")
+    BackboneFinetuning = _merged("callbacks.BackboneFinetuning")
+
+__all__ = ["NAMESPACES", "BackboneFinetuning", "BaseFinetuning", "Callback"]

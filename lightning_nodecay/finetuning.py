@@ -17,13 +17,13 @@ from typing import Any, Union
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_nodecay._lightning import bases
+from lightning_nodecay._lightning import BackboneFinetuning, BaseFinetuning
 from lightning_nodecay._log import log
+from lightning_nodecay._naming import clean_name, group_name
+from lightning_nodecay._schema import LR, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
 from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions
 from lightning_nodecay.mixin import NoDecayMixin
-from lightning_nodecay.rules import clean_name
-
-_BaseFinetuning: Any = bases("callbacks.BaseFinetuning")[0]  # its static freezing helpers
+from lightning_nodecay.rules import GroupRules
 
 Modules = Union[nn.Module, Iterable[Any]]  # noqa: UP007 (a runtime alias)
 
@@ -36,6 +36,7 @@ def unfreeze_and_add_param_groups(
     initial_denom_lr: float = 10.0,
     train_bn: bool = True,
     name: str | None = None,
+    rules: GroupRules | None = None,
 ) -> list[dict[str, Any]]:
     """Unfreeze ``modules`` and add their parameters to ``optimizer``, split into weight-decay groups.
 
@@ -54,6 +55,8 @@ def unfreeze_and_add_param_groups(
         train_bn: also train BatchNorm layers.
         name: prefix of the new group names, ``{name}_decay``, ``{name}_no_decay``, ...; default:
             the path of a single module in ``pl_module`` (``backbone``), otherwise ``unfrozen``.
+        rules: the rules to judge the parameters by; default: ``pl_module``'s own when it is a
+            ``NoDecayMixin``, else ``GroupRules(strict=False)``.
 
     Returns:
         The groups added (none when every parameter was already in the optimizer).
@@ -77,27 +80,24 @@ def unfreeze_and_add_param_groups(
          ('backbone_decay', 0.05, 0.0001), ('backbone_no_decay', 0.0, 0.0001)]
     """
     _check_modules(modules)
-    if "weight_decay" not in optimizer.defaults:
+    if WEIGHT_DECAY not in optimizer.defaults:
         raise ValueError(
             f"`{type(optimizer).__name__}` has no `weight_decay` option, so unfrozen parameters cannot be split into"
             " decay and no-decay groups. Use an optimizer with weight decay (e.g. `torch.optim.AdamW`), or Lightning's"
             " `BaseFinetuning.unfreeze_and_add_param_group`."
         )
-    _BaseFinetuning.make_trainable(modules)
-    params = list(_BaseFinetuning.filter_params(modules, train_bn=train_bn, requires_grad=True))
-    new = _new_decisions(params, optimizer, _decisions(pl_module))
+    BaseFinetuning.make_trainable(modules)
+    params = list(BaseFinetuning.filter_params(modules, train_bn=train_bn, requires_grad=True))
+    new = _new_decisions(params, optimizer, _decisions(pl_module, rules))
     groups = groups_from_decisions(new)
-    names = _group_names(name, pl_module, modules, optimizer, [g["name"] for g in groups])
-    base_lr = optimizer.param_groups[0]["lr"] / initial_denom_lr if lr is None else float(lr)
-    for group, group_name in zip(groups, names, strict=True):
-        group.update(
-            name=group_name,
-            lr=base_lr,
-            weight_decay=group["weight_decay_multiplier"] * optimizer.defaults["weight_decay"],
-        )
+    names = _new_group_names(name, pl_module, modules, optimizer, [g[NAME] for g in groups])
+    base_lr = optimizer.param_groups[0][LR] / initial_denom_lr if lr is None else float(lr)
+    for group, new_name in zip(groups, names, strict=True):
+        group[NAME], group[LR] = new_name, base_lr
+        group[WEIGHT_DECAY] = group[WEIGHT_DECAY_MULTIPLIER] * optimizer.defaults[WEIGHT_DECAY]
         optimizer.add_param_group(group)
     if groups:
-        shown = ", ".join(f"`{g['name']}` ({len(g['params'])}, weight_decay={g['weight_decay']:g})" for g in groups)
+        shown = ", ".join(f"`{g[NAME]}` ({len(g[PARAMS])}, weight_decay={g[WEIGHT_DECAY]:g})" for g in groups)
         log.info(f"Unfroze {len(new)} parameter tensors into new groups {shown}.")
     return groups
 
@@ -113,10 +113,12 @@ def _check_modules(modules: object) -> None:
         _check_modules(module)
 
 
-def _decisions(pl_module: nn.Module) -> list[DecayDecision]:
+def _decisions(pl_module: nn.Module, rules: GroupRules | None) -> list[DecayDecision]:
+    if rules is not None:
+        return decide(pl_module, rules)
     if isinstance(pl_module, NoDecayMixin):
         return pl_module.weight_decay_decisions()
-    return decide(pl_module, strict=False)
+    return decide(pl_module, GroupRules(strict=False))
 
 
 def _new_decisions(
@@ -140,13 +142,13 @@ def _new_decisions(
 
 def _in_optimizer(optimizer: Optimizer) -> set[int]:
     """``id()`` of every parameter of ``optimizer``."""
-    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return {id(p) for g in optimizer.param_groups for p in g[PARAMS]}
 
 
-def _group_names(
+def _new_group_names(
     name: str | None, pl_module: nn.Module, modules: Modules, optimizer: Optimizer, kinds: list[str]
 ) -> list[str]:
-    taken = {g.get("name") for g in optimizer.param_groups}
+    taken = {group_name(g, i) for i, g in enumerate(optimizer.param_groups)}
     if name is not None:
         clash = [f"{name}_{k}" for k in kinds if f"{name}_{k}" in taken]
         if clash:
@@ -169,7 +171,7 @@ def _module_path(pl_module: nn.Module, modules: Modules) -> str:
     return next((clean_name(n) for n, m in pl_module.named_modules() if m is modules), "")
 
 
-class NoDecayFinetuning(*bases("callbacks.BaseFinetuning")):  # type: ignore[misc]
+class NoDecayFinetuning(BaseFinetuning):
     """Lightning's ``BaseFinetuning`` whose unfreezing keeps the weight-decay split.
 
     Subclass it exactly like ``BaseFinetuning`` (override ``freeze_before_training`` and
@@ -195,7 +197,7 @@ class NoDecayFinetuning(*bases("callbacks.BaseFinetuning")):  # type: ignore[mis
         self._pl_module = pl_module
         super().setup(trainer, pl_module, stage)
 
-    def unfreeze_and_add_param_group(
+    def unfreeze_and_add_param_group(  # type: ignore[override]  # Lightning's is static: ours needs the module
         self,
         modules: Modules,
         optimizer: Optimizer,
@@ -221,11 +223,11 @@ class NoDecayFinetuning(*bases("callbacks.BaseFinetuning")):  # type: ignore[mis
         if restarting:
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
-                    for param in group["params"]:
+                    for param in group[PARAMS]:
                         param.requires_grad_(True)
 
 
-class NoDecayBackboneFinetuning(NoDecayFinetuning, *bases("callbacks.BackboneFinetuning")):  # type: ignore[misc]
+class NoDecayBackboneFinetuning(NoDecayFinetuning, BackboneFinetuning):
     """Lightning's ``BackboneFinetuning`` whose unfrozen backbone keeps the weight-decay split.
 
     Same arguments and schedule as ``BackboneFinetuning``; the backbone is added as groups
@@ -251,7 +253,7 @@ class NoDecayBackboneFinetuning(NoDecayFinetuning, *bases("callbacks.BackboneFin
         """Unfreeze or schedule the backbone as ``BackboneFinetuning``, on every backbone group."""
         super().finetune_function(pl_module, epoch, optimizer)
         # Lightning sets the backbone lr on the last group only
-        backbone = [g for g in optimizer.param_groups if str(g.get("name", "")).startswith("backbone_")]
+        backbone = [g for g in optimizer.param_groups if str(g.get(NAME, "")).startswith("backbone_")]
         if backbone and any(g is optimizer.param_groups[-1] for g in backbone):
             for group in backbone:
-                group["lr"] = optimizer.param_groups[-1]["lr"]
+                group[LR] = optimizer.param_groups[-1][LR]

@@ -1,43 +1,50 @@
-"""``NoDecayMixin``: a LightningModule mixin that builds decay / no-decay param groups.
+"""``NoDecayMixin``: a LightningModule mixin that builds decay / no-decay param groups from declarations.
 
-The mixin is a plain class: it imports no Lightning namespace, so it works with a
-``pytorch_lightning.LightningModule`` and a ``lightning.pytorch.LightningModule`` alike.
+The mixin keeps the declarations, :meth:`~NoDecayMixin.configure_param_groups` and
+:meth:`~NoDecayMixin.configure_optimizers`. Everything that happens during a fit (safety net, step hook,
+resume check, summary, per-epoch checks) is done by the callback it returns from ``configure_callbacks()``
+(see ``_lifecycle.py``), so overriding the module's own hooks cannot switch it off.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union, cast
+from typing import Any, Union
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_nodecay._log import listed, log
-from lightning_nodecay.groups import (
-    DecayDecision,
-    MultiplierKey,
-    decide,
-    groups_from_decisions,
-    resolve_multipliers,
+from lightning_nodecay._checkpoint import LayoutPolicy
+from lightning_nodecay._lifecycle import FitLifecycle, _as_module, attach_declared_hook
+from lightning_nodecay._naming import group_name, listed, param_names
+from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY
+from lightning_nodecay._semantics import DecayStyle
+from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions, resolve_multipliers
+from lightning_nodecay.rules import (
+    DEFAULT_NO_DECAY_MODULE_TYPES,
+    DEFAULT_NO_DECAY_PARAM_NAMES,
+    GroupRules,
+    ModuleRule,
+    RuleKey,
 )
-from lightning_nodecay.layout import (
-    LayoutPolicy,
-    group_label,
-    layout_of,
-    param_names,
-    resume_layouts,
-    save_layouts,
-)
-from lightning_nodecay.masks import DecayStyle, apply_weight_decay_masks, attached_masks, needs_weight_decay_hook
-from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, ModuleRule
-from lightning_nodecay.safety_net import misplaced_exclusions, split_excluded
 from lightning_nodecay.summary import DecaySummary, summarize
 
 #: What LightningCLI injects for an ``optimizer: OptimizerCallable`` argument.
 OptimizerCallable = Callable[[Iterable], Optimizer]
 #: What LightningCLI injects for an ``lr_scheduler: LRSchedulerCallable`` argument.
 LRSchedulerCallable = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]  # noqa: UP007 (runtime alias)
+
+#: The class attributes that declare rules, with their defaults: the simple way to declare them.
+_RULE_ATTRIBUTES: dict[str, Any] = {
+    "no_decay_module_types": DEFAULT_NO_DECAY_MODULE_TYPES,
+    "no_decay_param_names": DEFAULT_NO_DECAY_PARAM_NAMES,
+    "weight_decay_multipliers": {},
+    "weight_decay_l1": (),
+    "strict": True,
+}
 
 
 class NoDecayMixin:
@@ -49,9 +56,14 @@ class NoDecayMixin:
     :meth:`configure_optimizers` passes it the groups of :meth:`configure_param_groups`. The
     optimizer's own ``weight_decay`` applies to the ``decay`` group; ``no_decay`` gets ``0.0``.
 
-    At fit start (in ``on_fit_start``: call ``super().on_fit_start()`` if you override it) a safety
-    net moves excluded parameters out of any decayed group, whoever built the optimizer, and a
-    summary of the groups is logged on rank zero.
+    Declare the rules as class attributes (the simple way), or as one :class:`~lightning_nodecay.GroupRules`
+    in ``self.group_rules`` (an ``__init__`` argument LightningCLI can fill from YAML); not both.
+
+    During a fit, a callback the mixin returns from ``configure_callbacks()`` (merged by Lightning with the
+    Trainer's) keeps the decisions true: at fit start a safety net moves excluded parameters out of any
+    decayed group, whoever built the optimizer, the masks and L1 groups get their step hook, and a summary
+    of the groups is logged on rank zero; every epoch it refuses excluded parameters put back into a
+    decayed group. Overriding ``on_fit_start`` and the other hooks without ``super()`` changes none of this.
 
     Checkpoints record the param-group layout of every optimizer (group names and parameter names).
     On resume the layout is compared with the optimizer's, after the safety net; if it changed, the
@@ -62,14 +74,15 @@ class NoDecayMixin:
     needs; choose ``"error"`` to make any change of the groups a deliberate decision.
 
     Attributes:
+        group_rules: all rules as one value; when set, the rule attributes below must keep their defaults.
         no_decay_module_types: module classes or predicates whose own parameters get no decay.
         no_decay_param_names: name patterns of parameters that get no decay.
         weight_decay_multipliers: ``{pattern or module type: multiplier}`` of the base decay.
         weight_decay_l1: patterns or module types whose decayed parameters get an L1 penalty
-            instead of L2 (see :mod:`lightning_nodecay.masks`).
-        weight_decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
+            instead of L2 (see :func:`~lightning_nodecay.attach_weight_decay_hook`).
+        strict: raise when a declared name pattern matches no parameter.
+        decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
             decay; needed for masks and L1 with optimizers outside ``torch.optim``.
-        no_decay_strict: raise when a declared name pattern matches no parameter.
         log_weight_decay_summary: log the group summary at fit start.
         optimizer: callable ``(param_groups) -> Optimizer``.
         lr_scheduler: optional callable ``(optimizer) -> LRScheduler``.
@@ -94,37 +107,65 @@ class NoDecayMixin:
         [('decay', 1, 0.05), ('no_decay', 4, 0.0)]
     """
 
-    no_decay_module_types: Sequence[ModuleRule] = DEFAULT_NO_DECAY_MODULE_TYPES
+    group_rules: GroupRules | None = None
+    no_decay_module_types: Sequence[ModuleRule | str] = DEFAULT_NO_DECAY_MODULE_TYPES
     no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
-    weight_decay_multipliers: Mapping[MultiplierKey, float] | None = None
-    weight_decay_l1: Sequence[MultiplierKey] = ()
-    weight_decay_style: DecayStyle | None = None
-    no_decay_strict: bool = True
+    weight_decay_multipliers: Mapping[RuleKey, float] = {}
+    weight_decay_l1: Sequence[RuleKey] = ()
+    strict: bool = True
+    decay_style: DecayStyle | None = None
     log_weight_decay_summary: bool = True
     optimizer: OptimizerCallable | None = None
     lr_scheduler: LRSchedulerCallable | None = None
     lr_scheduler_config: Mapping[str, Any] = {}
     on_layout_change: LayoutPolicy = "remap"
 
-    trainer: Any  # provided by the LightningModule
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Keep the fit-lifecycle callback in a subclass's own ``configure_callbacks`` (with or without ``super()``)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("configure_callbacks")
+        if own is not None and not getattr(own, "_nodecay_keeps_lifecycle", False):
+            cls.configure_callbacks = _keeping_lifecycle(own)  # type: ignore[method-assign,assignment]
+
+    def configure_group_rules(self) -> GroupRules:
+        """The rules the groups are built from: ``self.group_rules``, else the rule attributes. Override to customise.
+
+        Raises:
+            ValueError: ``group_rules`` is set and a rule attribute was changed too.
+        """
+        rules = self.group_rules
+        declared = {name: getattr(self, name) for name in _RULE_ATTRIBUTES}
+        changed = {name: value for name, value in declared.items() if value != _RULE_ATTRIBUTES[name]}
+        if rules is None:
+            return GroupRules(**{**_RULE_ATTRIBUTES, **changed})
+        if changed:
+            raise ValueError(
+                f"`{type(self).__name__}` declares rules twice: in `group_rules` and in {listed(list(changed), True)}."
+                " Declare them in one place: move the attributes into `GroupRules(...)`, or leave `group_rules` unset."
+            )
+        if not isinstance(rules, GroupRules):
+            raise TypeError(
+                f"`{type(self).__name__}.group_rules` must be a `lightning_nodecay.GroupRules`; got"
+                f" {type(rules).__name__}. Build one: `GroupRules(no_decay_param_names=(...))`."
+            )
+        return rules
 
     def weight_decay_decisions(self) -> list[DecayDecision]:
-        """The multiplier and reason of every trainable parameter, from the declarations."""
-        return decide(
-            self._module,
-            no_decay_module_types=self.no_decay_module_types,
-            no_decay_param_names=self.no_decay_param_names,
-            weight_decay_multipliers=self.weight_decay_multipliers,
-            weight_decay_l1=self.weight_decay_l1,
-            strict=self.no_decay_strict,
-        )
+        """The multiplier and reason of every trainable parameter, from the declarations.
+
+        During a fit they are computed once (again only when the trainable parameters change).
+        """
+        lifecycle = self._lifecycle()
+        if lifecycle is not None:
+            return lifecycle.decisions(self)
+        return decide(_as_module(self), self.configure_group_rules())
 
     def weight_decay_masks(self) -> dict[str, Tensor]:
         """Per-element weight-decay multipliers, ``{parameter name: tensor}``. Override to declare masks.
 
         Names are those of :meth:`weight_decay_decisions`. A mask scales the decay of its
         parameter element by element (same shape, or broadcastable such as one value per output
-        row); see :func:`~lightning_nodecay.masks.apply_weight_decay_masks`. Called when the
+        row); see :func:`~lightning_nodecay.attach_weight_decay_hook`. Called when the
         optimizer is built; a resumed checkpoint's masks replace the returned ones.
         """
         return {}
@@ -151,7 +192,8 @@ class NoDecayMixin:
             The optimizer, or Lightning's ``{"optimizer": ..., "lr_scheduler": {...}}`` dict when
             ``self.lr_scheduler`` is set.
         """
-        if self.optimizer is None:
+        build = self._declared("optimizer")
+        if build is None:
             raise ValueError(
                 f"`{type(self).__name__}` declares no optimizer for `NoDecayMixin` to build. Set one in"
                 " `__init__`, e.g. `self.optimizer = functools.partial(torch.optim.AdamW, lr=1e-3,"
@@ -160,122 +202,45 @@ class NoDecayMixin:
             )
         groups = _materialize(self.configure_param_groups())
         self._check_groups(groups)
-        optimizer = self.optimizer(groups)
+        optimizer = build(groups)
         self._check_optimizer(optimizer, groups)
-        resolve_multipliers(optimizer.param_groups, optimizer.defaults["weight_decay"])
-        self._hook_weight_decay(optimizer)
-        if self.lr_scheduler is None:
+        resolve_multipliers(optimizer.param_groups, optimizer.defaults[WEIGHT_DECAY])
+        attach_declared_hook(self, optimizer, self.weight_decay_decisions())
+        schedule = self._declared("lr_scheduler")
+        if schedule is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.lr_scheduler_config}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule(optimizer), **self.lr_scheduler_config}}
 
-    def on_fit_start(self) -> None:
-        """Apply the safety net, check a resumed layout and log the summary, before any step or state restore."""
-        trainer = self.trainer
-        optimizers = trainer.optimizers
-        for optimizer in optimizers:
-            layout_of(optimizer.param_groups, self._module)  # refuses parameters given twice
-        decisions = self.weight_decay_decisions()
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for optimizer in optimizers:
-            for message in split_excluded(optimizer, decisions, schedulers):  # every rank splits, rank 0 says so
-                if trainer.global_rank == 0:
-                    log.info(f"NoDecayMixin safety net: {message}.")
-        if not any(attached_masks(optimizer) for optimizer in optimizers):  # built elsewhere
-            for optimizer in optimizers:
-                self._hook_weight_decay(optimizer)
-        checkpoint = self.__dict__.pop("_nodecay_checkpoint", None)
-        if checkpoint is not None:
-            self._resume_layouts(checkpoint)
-        self._nodecay_group_counts = [len(o.param_groups) for o in optimizers]
-        if self.log_weight_decay_summary and trainer.global_rank == 0:
-            masks = {p: m for o in optimizers if (h := attached_masks(o)) for p, m in h.masks.items()}
-            log.info(f"Weight decay groups of `{type(self).__name__}`:\n{summarize(decisions, masks)}")
-        self._parent_hook("on_fit_start")
+    def configure_callbacks(self) -> Any:
+        """Bring the fit-lifecycle callback (see the class docstring) along with the Trainer's callbacks."""
+        callbacks = _parent(self).configure_callbacks() if hasattr(_parent(self), "configure_callbacks") else []
+        return [*_as_list(callbacks), FitLifecycle()]
 
-    def on_train_epoch_start(self) -> None:
-        """Refuse excluded parameters that a callback put in a decayed group since fit start."""
-        counts = [len(o.param_groups) for o in self.trainer.optimizers]
-        if counts != getattr(self, "_nodecay_group_counts", None):
-            self._nodecay_group_counts = counts
-            decisions = self.weight_decay_decisions()
-            for optimizer in self.trainer.optimizers:
-                misplaced = misplaced_exclusions(optimizer.param_groups, decisions)
-                if misplaced:
-                    raise ValueError(
-                        f"Parameters excluded from weight decay ({listed(misplaced, quoted=True)}) were added to a"
-                        f" decayed param group of `{type(optimizer).__name__}` after fit start, most likely by"
-                        " Lightning's `BaseFinetuning.unfreeze_and_add_param_group` (e.g. `BackboneFinetuning`),"
-                        " which gives new groups the optimizer's weight decay. Use"
-                        " `lightning_nodecay.NoDecayBackboneFinetuning`, subclass"
-                        " `lightning_nodecay.NoDecayFinetuning`, or call"
-                        " `lightning_nodecay.unfreeze_and_add_param_groups` in your `finetune_function`."
-                    )
-        self._parent_hook("on_train_epoch_start")
+    configure_callbacks._nodecay_keeps_lifecycle = True  # type: ignore[attr-defined]
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the param-group layout of every optimizer in the checkpoint."""
+    def _lifecycle(self) -> FitLifecycle | None:
+        """The fit-lifecycle callback of the Trainer this module is attached to, if any."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.optimizers:
-            save_layouts(checkpoint, trainer.optimizers, self._module)
-        self._parent_hook("on_save_checkpoint", checkpoint)
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return next((c for c in callbacks if isinstance(c, FitLifecycle)), None)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint's layout once the optimizers exist (now, or in :meth:`on_fit_start`)."""
-        self._parent_hook("on_load_checkpoint", checkpoint)
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None or trainer.state.fn != "fit":
-            return
-        if trainer.strategy.restore_checkpoint_after_setup:  # the optimizers exist already
-            self._resume_layouts(checkpoint)
-        else:  # Lightning restores the optimizer state from this same dict after `on_fit_start`
-            self._nodecay_checkpoint = checkpoint
+    def _declared(self, name: str) -> Any:
+        """The attribute ``name``; a class-level ``functools.partial`` as declared, not bound as a method.
 
-    def _hook_weight_decay(self, optimizer: Optimizer) -> None:
-        """Apply the declared masks and L1 groups to ``optimizer`` (nothing when none are declared)."""
-        decisions, masks = self.weight_decay_decisions(), self.weight_decay_masks()
-        if needs_weight_decay_hook(optimizer, masks, decisions):
-            apply_weight_decay_masks(
-                optimizer, masks, module=self._module, decay_style=self.weight_decay_style, decisions=decisions
-            )
-
-    def _resume_layouts(self, checkpoint: dict[str, Any]) -> None:
-        trainer = self.trainer
-        messages = resume_layouts(
-            checkpoint,
-            trainer.optimizers,
-            self._module,
-            [config.scheduler for config in trainer.lr_scheduler_configs],
-            on_layout_change=self.on_layout_change,
-            restorable=trainer.strategy.lightning_restore_optimizer,
-        )
-        if trainer.global_rank == 0:
-            for message in messages:
-                log.warning(f"NoDecayMixin resume: {message}")
-
-    def _parent_hook(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` of the class after the mixin in the MRO (the LightningModule's), if it has one."""
-        parent = getattr(super(), hook, None)
-        if parent is not None:
-            parent(*args)
-
-    @property
-    def _module(self) -> nn.Module:
-        if not isinstance(self, nn.Module):
-            raise TypeError(
-                f"`NoDecayMixin` must be mixed into an `nn.Module` such as a LightningModule:"
-                f" `class {type(self).__name__}(NoDecayMixin, pl.LightningModule)`."
-            )
-        return cast(nn.Module, self)
+        Python 3.13 warns (and 3.14 will bind) when a ``partial`` class attribute is read through an instance.
+        """
+        static = inspect.getattr_static(self, name, None)
+        return static if isinstance(static, functools.partial) else getattr(self, name)
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Every trainable parameter in exactly one group, nothing else in any group."""
-        trainable = {id(p) for p in self._module.parameters() if p.requires_grad}
-        names = {pid: name for pid, name in param_names(self._module).items() if pid in trainable}
+        module = _as_module(self)
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        names = {pid: name for pid, name in param_names(module).items() if pid in trainable}
         where: dict[int, str] = {}
         for i, group in enumerate(groups):
-            label = f"`{group_label(group, i)}`"
-            for param in group["params"]:
+            label = f"`{group_name(group, i)}`"
+            for param in group[PARAMS]:
                 if id(param) not in names:
                     raise ValueError(
                         f"`{type(self).__name__}.configure_param_groups()` puts a parameter in group {label}"
@@ -311,23 +276,48 @@ class NoDecayMixin:
                 " `functools.partial` of one, e.g. `functools.partial(torch.optim.AdamW, lr=1e-3)`."
             )
         label = type(optimizer).__name__
-        if "weight_decay" not in optimizer.defaults:
+        if WEIGHT_DECAY not in optimizer.defaults:
             raise ValueError(
                 f"`{label}` has no `weight_decay` option, so there is nothing for `NoDecayMixin` to"
                 " split. Use an optimizer with weight decay (e.g. `torch.optim.AdamW`), or drop the mixin."
             )
-        built = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
-        given = [[id(p) for p in g["params"]] for g in groups]
+        built = [[id(p) for p in g[PARAMS]] for g in optimizer.param_groups]
+        given = [[id(p) for p in g[PARAMS]] for g in groups]
         if built != given or any(
-            "weight_decay" in g and b["weight_decay"] != g["weight_decay"]
+            WEIGHT_DECAY in g and b[WEIGHT_DECAY] != g[WEIGHT_DECAY]
             for b, g in zip(optimizer.param_groups, groups, strict=False)
         ):
             raise ValueError(
                 f"`{label}` did not keep the {len(groups)} param groups it was given"
-                f" ({', '.join(str(g.get('name')) for g in groups)}); it has {len(optimizer.param_groups)}."
+                f" ({', '.join(str(g.get(NAME)) for g in groups)}); it has {len(optimizer.param_groups)}."
                 " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
                 " accepts param groups, as every `torch.optim` optimizer does."
             )
+
+
+def _parent(module: NoDecayMixin) -> Any:
+    """``super()`` of the mixin in ``module``'s MRO: the LightningModule's methods."""
+    return super(NoDecayMixin, module)
+
+
+def _as_list(callbacks: Any) -> list[Any]:
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
+def _keeping_lifecycle(configure: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a subclass's ``configure_callbacks`` so the fit-lifecycle callback is always among its results."""
+
+    @functools.wraps(configure)
+    def configure_callbacks(self: Any) -> list[Any]:
+        callbacks = _as_list(configure(self))
+        if not any(isinstance(c, FitLifecycle) for c in callbacks):
+            callbacks.append(FitLifecycle())
+        return callbacks
+
+    configure_callbacks._nodecay_keeps_lifecycle = True  # type: ignore[attr-defined]
+    return configure_callbacks
 
 
 def _materialize(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -336,5 +326,5 @@ def _materialize(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     Empty groups never reach the optimizer: DeepSpeed ZeRO-1/2 crash on them and ZeRO-3 drops them,
     misaligning LR schedulers.
     """
-    listed = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in groups]
-    return [g for g in listed if g["params"]]
+    listed = [{**g, PARAMS: [g[PARAMS]] if isinstance(g[PARAMS], Tensor) else list(g[PARAMS])} for g in groups]
+    return [g for g in listed if g[PARAMS]]

@@ -1,6 +1,6 @@
 """``WeightNormMonitor``: log the norm of every param group's weights, to see the exclusions working.
 
-Thin Lightning glue over :func:`lightning_nodecay.norms.group_norms`. The class inherits ``Callback`` from
+Thin Lightning glue over :func:`lightning_nodecay.group_norms`. The class inherits ``Callback`` from
 every installed Lightning namespace (see ``_lightning.py``), so one implementation is accepted by a
 ``pytorch_lightning.Trainer`` and a ``lightning.pytorch.Trainer``.
 """
@@ -14,16 +14,16 @@ import torch
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_nodecay._lightning import bases
-from lightning_nodecay.layout import group_label
-from lightning_nodecay.masks import HOOK_WEIGHT_DECAY_KEY, MASK_SHARE_KEY
+from lightning_nodecay._lightning import Callback
+from lightning_nodecay._naming import group_name
+from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, MASK_SHARE, PARAMS, WEIGHT_DECAY
 from lightning_nodecay.norms import GroupNorms, check_norm_type, fsdp_shard_group, group_norms
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
-class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
+class WeightNormMonitor(Callback):
     """Log the norm of each param group's weights (and optionally gradients, RMS, weight decay) while training.
 
     With weight decay working as intended, the ``decay`` group's norm is pulled down steadily while the
@@ -46,7 +46,7 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
     Values are the weights after the optimizer step, logged at the Trainer's ``log_every_n_steps`` cadence on
     the batches that step the optimizer (so gradient accumulation is respected), under the same step as
     ``self.log`` values and ``LearningRateMonitor``, to every logger of the Trainer. Nothing is computed on
-    other batches. Norms are computed by :func:`~lightning_nodecay.norms.group_norms`: multi-tensor kernels,
+    other batches. Norms are computed by :func:`~lightning_nodecay.group_norms`: multi-tensor kernels,
     float32 accumulation, and under FSDP1 or FSDP2 / DTensor ONE collective per logged step on every rank
     (none under DDP or on one device). ``DeepSpeedStrategy`` is not supported yet (a clear error).
 
@@ -110,7 +110,7 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
             )
         model = trainer.strategy.model
         self._shard_group = fsdp_shard_group(pl_module if model is None else model)
-        _group_names(trainer.optimizers)
+        _logged_names(trainer.optimizers)
         self._stepped, self._grad_metrics = False, {}  # nothing left over from an interrupted fit
 
     @override
@@ -122,8 +122,8 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
         if not self.log_grad_norm or _logged_step(trainer) is None:
             return
         index = next(i for i, candidate in enumerate(trainer.optimizers) if candidate is optimizer)
-        names = _group_names(trainer.optimizers)[index]
-        grads = [[p.grad for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
+        names = _logged_names(trainer.optimizers)[index]
+        grads = [[p.grad for p in group[PARAMS] if p.grad is not None] for group in optimizer.param_groups]
         norms = self._norms(grads).norms.tolist()
         self._grad_metrics.update(zip((f"grad_{self.norm_type}_norm/{name}" for name in names), norms, strict=True))
 
@@ -144,9 +144,9 @@ class WeightNormMonitor(*bases("callbacks.Callback")):  # type: ignore[misc]
             logger.log_metrics(metrics, step=step)
 
     def _weight_metrics(self, optimizers: list[Optimizer]) -> dict[str, float]:
-        names = [name for per_optimizer in _group_names(optimizers) for name in per_optimizer]
+        names = [name for per_optimizer in _logged_names(optimizers) for name in per_optimizer]
         groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-        result = self._norms([group["params"] for group in groups])
+        result = self._norms([group[PARAMS] for group in groups])
         prefix = f"weight_{self.norm_type}_norm"
         keys = [f"{prefix}/{name}" for name in names] + [f"{prefix}_total"]
         values = [result.norms, result.total.reshape(1)]
@@ -177,17 +177,17 @@ def _logged_step(trainer: pl.Trainer) -> int | None:
     return step if every and (step + 1) % every == 0 else None
 
 
-def _group_names(optimizers: list[Optimizer]) -> list[list[str]]:
+def _logged_names(optimizers: list[Optimizer]) -> list[list[str]]:
     """The name of every param group, per optimizer, as ``LearningRateMonitor`` builds them.
 
-    A group's ``"name"``, else ``pg{i}`` counting from 1 (:func:`~lightning_nodecay.layout.group_label`); with
+    A group's ``"name"``, else ``pg{i}`` counting from 1 (``_naming.group_name``); with
     several optimizers, prefixed by the optimizer class and a counter for repeated classes: ``SGD/decay``,
     ``SGD-1/pg1``, ``Adam/pg1``.
     """
     seen: Counter[str] = Counter()
     names = []
     for optimizer in optimizers:
-        group_names = [group_label(group, i) for i, group in enumerate(optimizer.param_groups)]
+        group_names = [group_name(group, i) for i, group in enumerate(optimizer.param_groups)]
         optimizer_name = type(optimizer).__name__
         repeated = sorted({name for name in group_names if group_names.count(name) > 1})
         if repeated:
@@ -211,9 +211,9 @@ def _weight_decay_metrics(names: list[str], groups: list[dict[str, Any]]) -> dic
     """
     metrics = {}
     for name, group in zip(names, groups, strict=True):
-        if "weight_decay" in group or HOOK_WEIGHT_DECAY_KEY in group:
-            decay = float(group.get("weight_decay", 0.0)) + float(group.get(HOOK_WEIGHT_DECAY_KEY, 0.0))
+        if WEIGHT_DECAY in group or HOOK_WEIGHT_DECAY in group:
+            decay = float(group.get(WEIGHT_DECAY, 0.0)) + float(group.get(HOOK_WEIGHT_DECAY, 0.0))
             metrics[f"weight_decay/{name}"] = decay
-        if MASK_SHARE_KEY in group:
-            metrics[f"weight_decay_mask_share/{name}"] = float(group[MASK_SHARE_KEY])
+        if MASK_SHARE in group:
+            metrics[f"weight_decay_mask_share/{name}"] = float(group[MASK_SHARE])
     return metrics

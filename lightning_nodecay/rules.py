@@ -1,4 +1,4 @@
-"""The rules that decide which parameters are excluded from weight decay.
+"""The rules that decide which parameters get which weight decay, as one value: :class:`GroupRules`.
 
 Pure PyTorch: no Lightning import. Three kinds of rule exist:
 
@@ -6,25 +6,35 @@ Pure PyTorch: no Lightning import. Three kinds of rule exist:
   which a listed predicate returns ``True``) is excluded. Parameters of its child modules are
   judged by their own owner, so a norm layer that holds a ``Linear`` projection does not exclude
   the projection.
-* **name patterns**: see :class:`NamePatterns` for the exact semantics.
+* **name patterns**, matched segment by segment against cleaned qualified names:
+
+  * a pattern **without a dot** matches the parameter's own name, the last segment: ``"bias"``
+    matches ``encoder.0.bias`` but not ``bias_scale``; ``"*_bias"`` matches ``attn.in_proj_bias``;
+  * a pattern **with a dot** matches the whole name: ``*`` matches within one segment, ``**`` any
+    number of segments (zero included): ``"encoder.*.pos_embed"``, ``"**.cls_token"``;
+  * ``?`` matches one character and ``[abc]`` a character class, never a dot.
+
 * **declarations**: a module's own ``no_weight_decay()`` method (the timm/DeiT convention).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
-from collections.abc import Callable, Iterable, Sequence
-from functools import cache, lru_cache
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Union
 
 from torch import nn
 
+from lightning_nodecay._patterns import check_patterns
+
 ModulePredicate = Callable[[nn.Module], bool]
 ModuleRule = Union[type[nn.Module], ModulePredicate]  # noqa: UP007 (a runtime alias)
-
-#: Segments that wrappers insert into parameter names (FSDP1, activation checkpointing,
-#: ``torch.compile``). They are removed before name patterns are matched.
-WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+#: A rule key of multipliers and L1 rules: a name pattern, a module type, or a module predicate.
+RuleKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias)
 
 _NORM_CLASS_NAME = re.compile(r"Norm(alization)?(Act)?(\d+d?)?$")
 
@@ -76,47 +86,156 @@ DEFAULT_NO_DECAY_MODULE_TYPES: tuple[ModuleRule, ...] = (
 DEFAULT_NO_DECAY_PARAM_NAMES: tuple[str, ...] = ("bias", "*_bias")
 
 
-def clean_name(name: str) -> str:
-    """Remove the segments that wrappers insert into a qualified parameter name.
+@dataclass(frozen=True)
+class GroupRules:
+    """Every declaration that decides a parameter's weight decay, as one value.
+
+    Taken by :func:`~lightning_nodecay.param_groups`, :func:`~lightning_nodecay.decide`, the fine-tuning
+    helpers and :class:`~lightning_nodecay.NoDecayMixin` (as its ``group_rules`` attribute, which LightningCLI
+    can fill from YAML). Precedence is one rule: every rule that matches a parameter proposes a multiplier
+    (exclusions propose ``0``, ``weight_decay_multipliers`` their value) and the **smallest proposal wins**; a
+    parameter no rule matches gets ``1``.
+
+    Module types may be given as import paths (``"torch.nn.Embedding"``), so YAML can declare them. In the
+    keys of ``weight_decay_multipliers`` and in ``weight_decay_l1``, a string is a name pattern, unless it is
+    the import path of an ``nn.Module`` subclass (its last segment capitalised, e.g. ``"torch.nn.Embedding"``).
+
+    Attributes:
+        no_decay_module_types: ``nn.Module`` subclasses or predicates ``(module) -> bool`` whose directly-owned
+            parameters get no decay. Replaces the defaults; extend them with
+            ``DEFAULT_NO_DECAY_MODULE_TYPES + (nn.Embedding,)``.
+        no_decay_param_names: name patterns of parameters that get no decay. Replaces the defaults.
+        weight_decay_multipliers: ``{pattern or module type: multiplier}`` of the base decay, for decay other
+            than 0 or 1, e.g. ``{"head.**": 2.0, nn.Embedding: 0.1}``.
+        weight_decay_l1: patterns or module types whose *decayed* parameters get an L1 penalty (strength: their
+            multiplier x the base decay) instead of L2; excluded parameters stay excluded.
+        strict: raise when a declared name pattern (not a default one) matches no parameter of the model.
+
+    Raises:
+        TypeError: a rule of the wrong type, naming it and the fix.
+        ValueError: a malformed pattern, a negative or infinite multiplier, an import path that does not resolve.
 
     Example:
-        >>> clean_name("layers._fsdp_wrapped_module.0._orig_mod.norm.weight")
-        'layers.0.norm.weight'
+        >>> from torch import nn
+        >>> rules = GroupRules(
+        ...     no_decay_module_types=DEFAULT_NO_DECAY_MODULE_TYPES + ("torch.nn.Embedding",),
+        ...     weight_decay_multipliers={"head.*": 2.0},
+        ... )
+        >>> rules.no_decay_module_types[-1] is nn.Embedding
+        True
     """
-    if "_wrapped_module" not in name and "_orig_mod" not in name:
-        return name
-    return ".".join(s for s in name.split(".") if s not in WRAPPER_SEGMENTS)
+
+    no_decay_module_types: Sequence[ModuleRule | str] = DEFAULT_NO_DECAY_MODULE_TYPES
+    no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
+    weight_decay_multipliers: Mapping[RuleKey, float] = field(default_factory=dict)
+    weight_decay_l1: Sequence[RuleKey] = ()
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        _set = object.__setattr__  # normalise once: a frozen dataclass
+        _set(self, "no_decay_module_types", check_module_rules(self.no_decay_module_types))
+        _set(self, "no_decay_param_names", check_patterns(self.no_decay_param_names, "no_decay_param_names"))
+        _set(self, "weight_decay_multipliers", _check_multipliers(self.weight_decay_multipliers))
+        _set(self, "weight_decay_l1", _check_l1(self.weight_decay_l1))
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"`strict` must be True or False; got {self.strict!r}.")
 
 
 def check_module_rules(rules: object, argument: str = "no_decay_module_types") -> tuple[ModuleRule, ...]:
-    """Validate module rules: ``nn.Module`` subclasses or predicates ``(module) -> bool``.
+    """Validate module rules: ``nn.Module`` subclasses, predicates ``(module) -> bool``, or their import paths.
 
     Raises:
         TypeError: naming the offending entry and how to fix it.
     """
-    if isinstance(rules, (type, nn.Module)) or not isinstance(rules, Iterable) or isinstance(rules, str):
+    if isinstance(rules, (type, nn.Module, str)) or not isinstance(rules, Iterable):
         raise TypeError(
             f"`{argument}` must be a tuple or list of `nn.Module` subclasses, got {rules!r}."
             f" Wrap a single type in a tuple: `({getattr(rules, '__name__', rules)},)`."
         )
-    checked = tuple(rules)
-    for i, rule in enumerate(checked):
-        if isinstance(rule, type):
-            if not issubclass(rule, nn.Module):
-                raise TypeError(
-                    f"`{argument}[{i}]` is `{rule.__name__}`, which is not an `nn.Module` subclass."
-                    " List module classes such as `nn.LayerNorm`; exclude parameters by name with"
-                    " `no_decay_param_names`."
-                )
-        elif isinstance(rule, nn.Module):
+    return tuple(_check_module_rule(rule, f"{argument}[{i}]") for i, rule in enumerate(rules))
+
+
+def _check_module_rule(rule: object, where: str) -> ModuleRule:
+    if isinstance(rule, str):
+        rule = _import_path(rule, where)
+    if isinstance(rule, type):
+        if not issubclass(rule, nn.Module):
             raise TypeError(
-                f"`{argument}[{i}]` is a module instance ({rule!r}); pass its class `{type(rule).__name__}` instead."
+                f"`{where}` is `{rule.__name__}`, which is not an `nn.Module` subclass. List module classes"
+                " such as `nn.LayerNorm`; exclude parameters by name with `no_decay_param_names`."
             )
-        elif not callable(rule):
-            raise TypeError(
-                f"`{argument}[{i}]` is {rule!r} of type `{type(rule).__name__}`; entries must be"
-                " `nn.Module` subclasses (e.g. `nn.LayerNorm`) or predicates `(module) -> bool`."
+        return rule
+    if isinstance(rule, nn.Module):
+        raise TypeError(f"`{where}` is a module instance ({rule!r}); pass its class `{type(rule).__name__}` instead.")
+    if not callable(rule):
+        raise TypeError(
+            f"`{where}` is {rule!r} of type `{type(rule).__name__}`; entries must be `nn.Module` subclasses"
+            " (e.g. `nn.LayerNorm`), predicates `(module) -> bool`, or their import paths (`'torch.nn.LayerNorm'`)."
+        )
+    return rule
+
+
+def _import_path(path: str, where: str) -> object:
+    """The object at import path ``path`` (``"torch.nn.Embedding"``), or a clear error."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"`{where}` is {path!r}, which is not an importable class or function ({error}). Give a full import"
+            " path such as `'torch.nn.Embedding'`, or the class itself."
+        ) from None
+
+
+def _as_rule_key(key: object, argument: str) -> RuleKey:
+    """A module rule for a non-string key or a module-class import path; the pattern itself otherwise."""
+    if not isinstance(key, str):
+        return _check_module_rule(key, argument)
+    return _module_class_path(key) or key
+
+
+def _module_class_path(key: str) -> type[nn.Module] | None:
+    """The ``nn.Module`` subclass that ``key`` is the import path of (last segment capitalised), else ``None``."""
+    module_name, _, attribute = key.rpartition(".")
+    if not module_name or not attribute[:1].isupper() or not all(s.isidentifier() for s in key.split(".")):
+        return None
+    if importlib.util.find_spec(module_name.partition(".")[0]) is None:
+        return None
+    try:
+        found = getattr(importlib.import_module(module_name), attribute, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _check_multipliers(multipliers: object) -> dict[RuleKey, float]:
+    if not isinstance(multipliers, Mapping):
+        raise TypeError(
+            "`weight_decay_multipliers` must be a dict mapping name patterns or module types to floats, e.g."
+            f" `{{'head.*': 2.0, nn.Embedding: 0.1}}`; got {multipliers!r}."
+        )
+    checked: dict[RuleKey, float] = {}
+    for key, value in multipliers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            raise ValueError(
+                f"`weight_decay_multipliers[{key!r}]` is {value!r}; a multiplier must be a finite float >= 0"
+                " (0 = no decay, 1 = the optimizer's `weight_decay`)."
             )
+        rule = _as_rule_key(key, f"weight_decay_multipliers[{key!r}]")
+        if isinstance(rule, str):
+            check_patterns((rule,), "weight_decay_multipliers")
+        checked[rule] = float(value)
+    return checked
+
+
+def _check_l1(rules: object) -> tuple[RuleKey, ...]:
+    if isinstance(rules, (str, type)) or not isinstance(rules, Iterable):
+        raise TypeError(
+            "`weight_decay_l1` must be a tuple of name patterns or module types whose parameters get an L1"
+            f" penalty, e.g. `('head.*', nn.Embedding)`; got {rules!r}. Wrap a single rule in a tuple."
+        )
+    checked = tuple(_as_rule_key(rule, f"weight_decay_l1[{i}]") for i, rule in enumerate(rules))
+    check_patterns([r for r in checked if isinstance(r, str)], "weight_decay_l1")
     return checked
 
 
@@ -130,136 +249,3 @@ def split_module_rules(rules: Sequence[ModuleRule]) -> tuple[tuple[type[nn.Modul
 def rule_label(rule: ModuleRule) -> str:
     """A short human-readable label of a module rule, for summaries."""
     return getattr(rule, "__name__", repr(rule))
-
-
-class NamePatterns:
-    """Compiled parameter-name patterns.
-
-    Semantics (case-sensitive, anchored at both ends, matched against the *cleaned* qualified
-    name: wrapper segments such as ``_fsdp_wrapped_module`` removed):
-
-    * A pattern **without a dot** matches the parameter's own name, the last segment:
-      ``"bias"`` matches ``encoder.0.bias`` but not ``bias_scale`` or ``biased.weight``;
-      ``"*_bias"`` matches ``attn.in_proj_bias``.
-    * A pattern **with a dot** matches the whole qualified name, segment by segment:
-      ``*`` matches within one segment, ``**`` matches any number of segments (zero included):
-      ``"encoder.*.pos_embed"`` matches ``encoder.stage1.pos_embed``; ``"**.cls_token"`` matches
-      ``cls_token`` at any depth.
-    * ``?`` matches one character and ``[abc]`` a character class, never a dot.
-
-    Example:
-        >>> patterns = NamePatterns(["bias", "encoder.*.pos_embed"])
-        >>> [patterns.match(n) for n in ["fc.bias", "encoder.s1.pos_embed", "encoder.s1.x.pos_embed"]]
-        ['bias', 'encoder.*.pos_embed', None]
-    """
-
-    def __init__(self, patterns: object, argument: str = "no_decay_param_names") -> None:
-        self.patterns = _check_patterns(patterns, argument)
-        self._literal_leaf = {p: p for p in self.patterns if "." not in p and not _is_glob(p)}
-        self._glob_leaf = [(p, _compile(p)) for p in self.patterns if "." not in p and _is_glob(p)]
-        self._qualified = [(p, _compile(p)) for p in self.patterns if "." in p]
-        self._qualified_last = [_last_segment_regex(p) for p in self.patterns if "." in p]
-
-    def decided_by_leaf(self, leaf: str) -> bool:
-        """Tell whether every name whose own name is ``leaf`` gets the same match, whatever its prefix.
-
-        A dotted pattern only matches names whose own name matches its last segment; a last segment
-        that may match anything (``**``, or a character class such as ``[!x]``, which may match a
-        dot) makes every ``leaf`` depend on its prefix.
-
-        Example:
-            >>> patterns = NamePatterns(["bias", "encoder.*.pos_embed"])
-            >>> patterns.decided_by_leaf("weight"), patterns.decided_by_leaf("pos_embed")
-            (True, False)
-        """
-        return not any(last is None or last.fullmatch(leaf) for last in self._qualified_last)
-
-    def match(self, name: str, leaf: str | None = None) -> str | None:
-        """Return the first pattern matching the cleaned qualified ``name``, or ``None``.
-
-        ``leaf``, the parameter's own name, may be given when the caller knows it already.
-        """
-        leaf = leaf or name.rpartition(".")[2]
-        hit = self._literal_leaf.get(leaf)
-        if hit is not None:
-            return hit
-        for pattern, regex in self._glob_leaf:
-            if regex.fullmatch(leaf):
-                return pattern
-        for pattern, regex in self._qualified:
-            if regex.fullmatch(name):
-                return pattern
-        return None
-
-
-def _check_patterns(patterns: object, argument: str) -> tuple[str, ...]:
-    if isinstance(patterns, str) or not isinstance(patterns, Iterable):
-        raise TypeError(
-            f"`{argument}` must be a tuple or list of strings, got {patterns!r}."
-            f" Wrap a single pattern in a tuple: `({patterns!r},)`."
-        )
-    checked = tuple(patterns)
-    for i, pattern in enumerate(checked):
-        if not isinstance(pattern, str):
-            hint = " List module classes in `no_decay_module_types` instead." if isinstance(pattern, type) else ""
-            raise TypeError(
-                f"`{argument}[{i}]` is {pattern!r} of type `{type(pattern).__name__}`; name patterns"
-                f" must be strings such as `'bias'` or `'encoder.*.pos_embed'`.{hint}"
-            )
-        if not pattern or any(not segment for segment in pattern.split(".")):
-            raise ValueError(
-                f"`{argument}[{i}]` is {pattern!r}, which has an empty segment; use `*` for one"
-                " segment or `**` for any number of segments, e.g. `'**.pos_embed'`."
-            )
-    return checked
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-@lru_cache(maxsize=512)  # once per pattern, not once per grouping
-def _last_segment_regex(pattern: str) -> re.Pattern[str] | None:
-    """The regex of a dotted pattern's last segment, or ``None`` when it may match any own name."""
-    last = pattern.rpartition(".")[2]
-    return None if last == "**" or "[" in last else re.compile(_segment_regex(last))
-
-
-@lru_cache(maxsize=512)  # once per pattern, not once per grouping
-def _compile(pattern: str) -> re.Pattern[str]:
-    segments = pattern.split(".")
-    regex = ""
-    for i, segment in enumerate(segments):
-        if segment == "**":
-            # zero or more whole segments, each followed (or preceded, at the end) by a dot
-            if i == 0:
-                regex += r"(?:[^.]+\.)*"
-            elif i == len(segments) - 1:
-                regex += r"(?:\.[^.]+)*"
-            else:
-                regex += r"\.(?:[^.]+\.)*"
-            continue
-        if i and segments[i - 1] != "**":
-            regex += r"\."
-        regex += _segment_regex(segment)
-    return re.compile(regex)
-
-
-def _segment_regex(segment: str) -> str:
-    out, i = [], 0
-    while i < len(segment):
-        c = segment[i]
-        if c == "*":
-            out.append(r"[^.]*")
-        elif c == "?":
-            out.append(r"[^.]")
-        elif c == "[" and "]" in segment[i + 2 :]:
-            end = segment.index("]", i + 2)
-            body = segment[i + 1 : end].replace("\\", "\\\\")
-            # a class never matches the dot between segments: exclude it from negated classes and ranges
-            out.append("[^." + body[1:] + "]" if body.startswith("!") else "(?!\\.)[" + body + "]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from lightning_nodecay._log import listed
-from lightning_nodecay.groups import PENALTY_KEY, DecayDecision, groups_from_decisions
-from lightning_nodecay.masks import Masks
+from lightning_nodecay._hook_checks import Masks
+from lightning_nodecay._naming import listed
+from lightning_nodecay._schema import NAME, PARAMS, PENALTY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay.groups import DecayDecision, groups_from_decisions
 
 
 @dataclass(frozen=True)
@@ -126,18 +127,18 @@ def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) ->
 
 
 def _group_summary(group: Mapping, mask_means: Mapping[int, float]) -> GroupSummary:
-    sizes = [_numel(p) for p in group["params"]]
-    elements, multiplier = sum(sizes), group["weight_decay_multiplier"]
-    masked = sum(n for p, n in zip(group["params"], sizes, strict=True) if id(p) in mask_means)
+    sizes = [_numel(p) for p in group[PARAMS]]
+    elements, multiplier = sum(sizes), group[WEIGHT_DECAY_MULTIPLIER]
+    masked = sum(n for p, n in zip(group[PARAMS], sizes, strict=True) if id(p) in mask_means)
     if not masked:
-        return GroupSummary(group["name"], multiplier, len(sizes), elements, group.get(PENALTY_KEY, "l2"))
-    weighted = sum(n * mask_means.get(id(p), 1.0) for p, n in zip(group["params"], sizes, strict=True))
+        return GroupSummary(group[NAME], multiplier, len(sizes), elements, group.get(PENALTY, "l2"))
+    weighted = sum(n * mask_means.get(id(p), 1.0) for p, n in zip(group[PARAMS], sizes, strict=True))
     return GroupSummary(
-        group["name"],
+        group[NAME],
         multiplier,
         len(sizes),
         elements,
-        group.get(PENALTY_KEY, "l2"),
+        group.get(PENALTY, "l2"),
         mask_share=masked / elements,
         effective_multiplier=multiplier * weighted / elements,
     )

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from lightning_nodecay._log import listed
-from lightning_nodecay.groups import NO_DECAY, DecayDecision
-from lightning_nodecay.layout import group_label, per_group_lists
+from lightning_nodecay._naming import group_name, listed
+from lightning_nodecay._remap import per_group_lists
+from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY
+from lightning_nodecay.groups import DECAY, NO_DECAY, DecayDecision
 
 
 def split_excluded(
@@ -52,26 +53,26 @@ def split_excluded(
     excluded = _excluded(decisions)
     messages = []
     for index, group in enumerate(list(optimizer.param_groups)):
-        if not group.get("weight_decay"):
+        if not group.get(WEIGHT_DECAY):
             continue
-        moving = [p for p in group["params"] if id(p) in excluded]
+        moving = [p for p in group[PARAMS] if id(p) in excluded]
         if not moving:
             continue
         names = listed([excluded[id(p)] for p in moving])
         plural = "s" * (len(moving) > 1)
-        label = group_label(group, index)
+        label = group_name(group, index)
         what = f"{type(optimizer).__name__} group `{label}`: moved {len(moving)} excluded tensor{plural} ({names})"
-        if len(moving) == len(group["params"]):
-            group["weight_decay"] = 0.0
+        if len(moving) == len(group[PARAMS]):
+            group[WEIGHT_DECAY] = 0.0
             messages.append(f"{what}: the whole group, set its weight_decay=0.0")
             continue
-        base = group_label(group, index) if "name" in group or len(optimizer.param_groups) > 1 else ""
-        group["name"] = base or "decay"
-        group["params"] = [p for p in group["params"] if id(p) not in excluded]
-        new_group = {**group, "params": moving, "weight_decay": 0.0, "name": f"{base}_{NO_DECAY}" if base else NO_DECAY}
+        base = group_name(group, index) if NAME in group or len(optimizer.param_groups) > 1 else ""
+        group[NAME] = base or DECAY
+        group[PARAMS] = [p for p in group[PARAMS] if id(p) not in excluded]
+        new_group = {**group, PARAMS: moving, WEIGHT_DECAY: 0.0, NAME: f"{base}_{NO_DECAY}" if base else NO_DECAY}
         optimizer.add_param_group(new_group)
         _extend_schedulers(optimizer, schedulers, index)
-        messages.append(f"{what} to new group `{new_group['name']}` with weight_decay=0.0")
+        messages.append(f"{what} to new group `{new_group[NAME]}` with weight_decay=0.0")
     return messages
 
 
@@ -86,7 +87,7 @@ def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterabl
         ['bias']
     """
     excluded = _excluded(decisions)
-    return [excluded[id(p)] for g in groups if g.get("weight_decay") for p in g["params"] if id(p) in excluded]
+    return [excluded[id(p)] for g in groups if g.get(WEIGHT_DECAY) for p in g[PARAMS] if id(p) in excluded]
 
 
 def _excluded(decisions: Iterable[DecayDecision]) -> dict[int, str]:

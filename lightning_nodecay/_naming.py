@@ -1,0 +1,89 @@
+"""How the library names parameters and param groups, in rules, layouts, logged keys and messages.
+
+- A **parameter name** is its qualified name from ``named_parameters()`` with the segments that wrappers
+  insert removed (``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``, ``_orig_mod``), after pure
+  wrappers (DDP's or DeepSpeed's ``module``, Fabric's ``_forward_module``) are stripped from the root.
+- A **group name** is a param group's ``"name"``, else ``pg1``, ``pg2``, ... by position, as Lightning's
+  ``LearningRateMonitor`` names unnamed groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_nodecay._schema import NAME
+
+#: Segments that wrappers insert into parameter names (FSDP1, activation checkpointing, ``torch.compile``).
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+#: Names of the only child of a pure wrapper module (DDP, DataParallel, DeepSpeed's engine, Fabric).
+_WRAPPER_CHILDREN = frozenset({"module", "_forward_module"})
+
+
+def clean_name(name: str) -> str:
+    """Remove the segments that wrappers insert into a qualified parameter name.
+
+    Example:
+        >>> clean_name("layers._fsdp_wrapped_module.0._orig_mod.norm.weight")
+        'layers.0.norm.weight'
+    """
+    if "_wrapped_module" not in name and "_orig_mod" not in name:
+        return name
+    return ".".join(s for s in name.split(".") if s not in WRAPPER_SEGMENTS)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip pure wrappers whose only child is the model (DDP, DataParallel, DeepSpeed's engine, Fabric).
+
+    Applied repeatedly, so a model gives the same names wrapped or not.
+
+    Example:
+        >>> inner = nn.Linear(2, 2)
+        >>> wrapper = nn.Module()
+        >>> wrapper.module = inner
+        >>> unwrap(wrapper) is inner
+        True
+    """
+    while next(module.parameters(recurse=False), None) is None:
+        children = list(module.named_children())
+        if len(children) != 1 or children[0][0] not in _WRAPPER_CHILDREN:
+            break
+        module = children[0][1]
+    return module
+
+
+def param_names(module: nn.Module) -> dict[int, str]:
+    """``{id(parameter): name}`` of the parameters of ``module`` (unwrapped first); tied ones by their first path.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> param_names(net)[id(net[0].bias)]
+        '0.bias'
+    """
+    return {id(p): clean_name(n) for n, p in unwrap(module).named_parameters()}
+
+
+def group_name(group: Mapping[str, Any], index: int) -> str:
+    """The name of the param group at position ``index`` (from 0): its ``"name"``, else ``pg{index + 1}``.
+
+    Unnamed groups are numbered from 1, as Lightning's ``LearningRateMonitor`` names them (``lr-SGD/pg1``), so
+    a group has the same name in logged keys, checkpoint layouts and messages.
+
+    Example:
+        >>> group_name({"params": []}, 0), group_name({"name": "no_decay", "params": []}, 1)
+        ('pg1', 'no_decay')
+    """
+    return str(group.get(NAME, f"pg{index + 1}"))
+
+
+def listed(names: Sequence[str], quoted: bool = False, shown: int = 4) -> str:
+    """The first ``shown`` names, comma-separated (in backticks if ``quoted``), then ``...`` if there are more.
+
+    Example:
+        >>> listed(["a", "b", "c", "d", "e"], quoted=True, shown=2)
+        '`a`, `b`, ...'
+    """
+    items = [f"`{name}`" if quoted else name for name in names[:shown]]
+    return ", ".join(items + ["..."] * (len(names) > shown))

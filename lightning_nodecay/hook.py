@@ -1,0 +1,348 @@
+"""The weight-decay step hook: per-element masks and L1 penalties, applied inside ``optimizer.step()``.
+
+Pure PyTorch. A param group gives all its tensors one weight decay. A *mask* goes finer: a tensor of
+multipliers for one parameter (same shape as the parameter, or broadcastable to it, e.g. one multiplier per
+output row), scaling the decay the parameter's group gives it, element by element. An *L1 group*
+(``weight_decay_penalty="l1"``, built by ``weight_decay_l1`` rules) penalizes ``|p|`` instead of ``p**2``.
+No ``torch.optim`` optimizer offers either, so both are applied by an optimizer step pre-hook, with the
+optimizer's own semantics (see the table in ``_semantics.py``: coupled or decoupled) and the group's
+*current* ``lr``. With ``maximize=True`` the coupled term is subtracted, as the optimizer negates the
+gradient before adding its decay.
+
+A group holding a masked parameter or asking for L1 is *hooked*: its ``weight_decay`` moves to the key
+``hook_weight_decay`` (the optimizer itself then sees ``weight_decay=0.0``) and the hook applies it to every
+parameter of the group (unmasked ones with multiplier 1). Hooked groups with masks also carry
+``weight_decay_mask_share``, the share of their elements under a mask. Group layout, names and LR
+schedulers are untouched.
+
+The hook runs after the gradients are final and before the update: when ``step`` gets a closure
+(Lightning's default), the decay runs right after the closure, i.e. after backward, gradient accumulation
+and gradient clipping, as the optimizer's own decay would; when ``step`` is called without one (AMP's
+``GradScaler``), it runs before the update. A step that ``GradScaler`` skips never calls
+``optimizer.step``, so it applies no decay. Parameters without a gradient are not decayed, as in
+``torch.optim``.
+
+Masks are saved in the optimizer's ``state_dict`` (key ``weight_decay_masks``, by parameter position like
+the optimizer's own state), so checkpoints hold them and resuming restores them; they follow their
+parameter's device and dtype (``model.to(...)``) at the next step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_nodecay._hook_checks import HookNames, Masks, check_mask, check_placement
+from lightning_nodecay._kernels import KERNELS
+from lightning_nodecay._log import log
+from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, LR, MASK_SHARE, MASKS_STATE, PARAMS, WEIGHT_DECAY, Penalty
+from lightning_nodecay._semantics import DecayStyle, group_penalty, group_style
+from lightning_nodecay.groups import DecayDecision
+
+_ATTACHED: weakref.WeakKeyDictionary[Optimizer, WeightDecayHook] = weakref.WeakKeyDictionary()
+
+
+def attach_weight_decay_hook(
+    optimizer: Optimizer,
+    masks: Masks | None = None,
+    *,
+    module: nn.Module | None = None,
+    decay_style: DecayStyle | None = None,
+    decisions: Iterable[DecayDecision] | None = None,
+) -> WeightDecayHook:
+    """Attach the weight-decay step hook: per-element masks and L1 groups, applied inside ``optimizer.step()``.
+
+    Call it once, after building the optimizer and before the first step. Every check runs
+    here, before training.
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer (or one with ``decay_style`` declared).
+        masks: ``{parameter or name: multipliers}``. A name is the cleaned qualified name of
+            :func:`~lightning_nodecay.decide` and needs ``module``. A mask scales the weight decay
+            of the parameter's group element by element: ``0`` no decay, ``1`` the group's decay,
+            ``2`` twice. It must broadcast to the parameter's shape, be finite and ``>= 0``; bool
+            and integer masks are accepted. ``None`` or ``{}``: only L1 groups are hooked.
+        module: the model, to resolve names and report problems by name.
+        decay_style: how the optimizer applies weight decay, required for optimizers outside
+            ``torch.optim``: ``"coupled"`` (``grad += wd * p``) or ``"decoupled"``
+            (``p *= 1 - lr * wd``).
+        decisions: the decisions the groups were built from; then a mask on an excluded
+            parameter is reported with the rule that excluded it, and an L1 parameter outside an
+            L1 group is refused.
+
+    Returns:
+        The attached :class:`WeightDecayHook`.
+
+    Raises:
+        TypeError: a mask is not a tensor, or is keyed by name without ``module``.
+        ValueError: naming the parameter: a mask that does not broadcast, is negative, NaN or
+            inf; an unknown or frozen name; a parameter not in the optimizer, in a group without
+            decay or excluded by a rule; an unknown optimizer without ``decay_style``; a fused
+            group; an optimizer that already has masks.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2, bias=False)
+        >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=0.5)
+        >>> handle = attach_weight_decay_hook(optimizer, {"weight": torch.tensor([[1.0], [0.0]])}, module=net)
+        >>> _ = torch.nn.init.ones_(net.weight)
+        >>> net.weight.grad = torch.zeros_like(net.weight)
+        >>> optimizer.step()
+        >>> net.weight  # row 0 decays by lr * wd = 5%, row 1 is masked out
+        Parameter containing:
+        tensor([[0.9500, 0.9500, 0.9500],
+                [1.0000, 1.0000, 1.0000]], requires_grad=True)
+        >>> {k: v for k, v in optimizer.param_groups[0].items() if "decay" in k}
+        {'weight_decay': 0.0, 'hook_weight_decay': 0.5, 'weight_decay_mask_share': 1.0}
+    """
+    if optimizer in _ATTACHED:
+        raise ValueError(
+            f"`{type(optimizer).__name__}` already has a weight-decay hook; call `.remove()` on the"
+            " `WeightDecayHook` that `attach_weight_decay_hook` returned before attaching a new one."
+        )
+    names = HookNames(optimizer, module, decisions)
+    resolved = {id(param): (param, check_mask(names.of(param), param, mask)) for param, mask in names.resolve(masks)}
+    return WeightDecayHook(optimizer, _plan(optimizer, resolved, names, decay_style), names)
+
+
+class WeightDecayHook:
+    """The weight-decay step hook of one optimizer (masks and L1 groups), from :func:`attach_weight_decay_hook`.
+
+    Attributes:
+        names: ``{parameter: name}`` of the masked parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
+        >>> handle = attach_weight_decay_hook(optimizer, {"weight": torch.tensor([[1.0], [0.0]])}, module=net)
+        >>> {name: mask.flatten().tolist() for name, mask in handle.named_masks().items()}
+        {'weight': [1.0, 0.0]}
+        >>> handle.remove()
+        >>> optimizer.param_groups[0]["weight_decay"]
+        0.1
+    """
+
+    def __init__(self, optimizer: Optimizer, groups: list[_HookedGroup], names: HookNames) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self._groups = groups
+        self._pending: dict[int, Tensor] | None = None
+        self.names = {param: names.of(param) for param, _ in self._masked()}
+        for hooked in groups:
+            hooked.convert(optimizer.param_groups[hooked.index])
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_state_dict_post_hook(self._save),
+            optimizer.register_load_state_dict_pre_hook(self._take_saved),
+            optimizer.register_load_state_dict_post_hook(self._restore),
+        ]
+        _ATTACHED[optimizer] = self
+
+    @staticmethod
+    def of(optimizer: Optimizer) -> WeightDecayHook | None:
+        """The hook attached to ``optimizer``, or ``None``.
+
+        Example:
+            >>> import torch
+            >>> weight = torch.nn.Parameter(torch.ones(2, 2))
+            >>> optimizer = torch.optim.SGD([weight], lr=0.1, weight_decay=0.1)
+            >>> WeightDecayHook.of(optimizer) is None
+            True
+            >>> hook = attach_weight_decay_hook(optimizer, {weight: torch.eye(2)})
+            >>> WeightDecayHook.of(optimizer) is hook
+            True
+        """
+        return _ATTACHED.get(optimizer)
+
+    @property
+    def masks(self) -> dict[Tensor, Tensor]:
+        """``{parameter: mask}``; update a mask in place (``mask.copy_(...)``) to change it."""
+        return dict(self._masked())
+
+    def named_masks(self) -> dict[str, Tensor]:
+        """``{parameter name: mask}``."""
+        return {self.names[param]: mask for param, mask in self._masked()}
+
+    def remove(self) -> None:
+        """Detach: remove the hooks and give the hooked groups their ``weight_decay`` back."""
+        optimizer = self._optimizer()
+        for hook in self._hooks:
+            hook.remove()
+        if optimizer is None:
+            return
+        for hooked in self._groups:
+            group = optimizer.param_groups[hooked.index]
+            group[WEIGHT_DECAY] = group.pop(HOOK_WEIGHT_DECAY)
+            group.pop(MASK_SHARE, None)
+        _ATTACHED.pop(optimizer, None)
+
+    def _masked(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for hooked in self._groups:
+            for batch in hooked.batches:
+                if batch.masks is not None:
+                    yield from zip(batch.params, batch.masks, strict=True)
+
+    def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        closure = kwargs.get("closure")
+        positional = closure is None and len(args) > 1 and callable(args[1])
+        if positional:
+            closure = args[1]
+        if closure is None:
+            self._decay(optimizer)
+            return None
+        wrapped = self._decay_after(optimizer, closure)
+        if positional:
+            return (args[0], wrapped, *args[2:]), kwargs
+        return args, {**kwargs, "closure": wrapped}
+
+    def _decay_after(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Wrap the closure: the gradients are final (backward, clipping) only once it has run."""
+        done = False
+
+        def closure_then_decay() -> Any:
+            nonlocal done
+            loss = closure()
+            if not done:
+                done = True
+                self._decay(optimizer)
+            return loss
+
+        return closure_then_decay
+
+    @torch.no_grad()
+    def _decay(self, optimizer: Optimizer) -> None:
+        for hooked in self._groups:
+            group = optimizer.param_groups[hooked.index]
+            weight_decay = group[HOOK_WEIGHT_DECAY]
+            if not weight_decay:
+                continue
+            if hooked.style == "coupled":
+                value = -weight_decay if group.get("maximize") else weight_decay
+            else:
+                value = float(group[LR]) * weight_decay
+            for batch in hooked.batches:
+                params, grads, masks = batch.with_grads()
+                if params:
+                    KERNELS[hooked.style, hooked.penalty](params, grads, masks, value)
+
+    def _save(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        positions = _positions(optimizer)
+        state_dict[MASKS_STATE] = {positions[id(param)]: mask for param, mask in self._masked()}
+
+    def _take_saved(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.pop(MASKS_STATE, None)
+
+    def _restore(self, optimizer: Optimizer) -> None:
+        """After ``load_state_dict`` replaced the group dicts: hook them again, restore the masks."""
+        for hooked in self._groups:
+            hooked.convert(optimizer.param_groups[hooked.index])
+        saved, self._pending = self._pending, None
+        if saved is None:
+            return
+        positions = _positions(optimizer)
+        masked = set()
+        for hooked in self._groups:
+            for batch in hooked.batches:
+                masked.update(batch.restore(saved, positions, self.names))
+        unused = sorted(set(saved) - masked)
+        if unused:
+            log.warning(
+                f"The checkpoint holds weight-decay masks for parameters at positions {unused} of"
+                f" `{type(optimizer).__name__}` that are not masked in this run; they are ignored."
+            )
+
+
+@dataclass
+class _Batch:
+    """Parameters of one hooked group that share a form: all masked, or all unmasked (``masks=None``)."""
+
+    params: list[Tensor]
+    masks: list[Tensor] | None
+
+    def with_grads(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Parameters that have a gradient, their gradients and masks (on their device and dtype)."""
+        params, grads, masks = [], [], []
+        for i, param in enumerate(self.params):
+            if param.grad is None:
+                continue
+            params.append(param)
+            grads.append(param.grad)
+            if self.masks is not None:
+                mask = self.masks[i]
+                if mask.device != param.device or mask.dtype != param.dtype:
+                    mask = self.masks[i] = mask.to(device=param.device, dtype=param.dtype)
+                masks.append(mask)
+        return params, grads, None if self.masks is None else masks
+
+    def restore(
+        self, saved: Mapping[int, Tensor], positions: Mapping[int, int], names: Mapping[Tensor, str]
+    ) -> set[int]:
+        """Take the saved masks of this batch's parameters; return the positions used."""
+        if self.masks is None:
+            return set()
+        used = set()
+        for i, param in enumerate(self.params):
+            position = positions[id(param)]
+            if position in saved:
+                self.masks[i] = check_mask(names[param], param, saved[position])
+                used.add(position)
+            else:
+                log.warning(f"The checkpoint holds no weight-decay mask for `{names[param]}`; it keeps its mask.")
+        return used
+
+
+@dataclass
+class _HookedGroup:
+    """One param group whose weight decay the hook applies."""
+
+    index: int
+    style: DecayStyle
+    penalty: Penalty
+    batches: list[_Batch]
+    mask_share: float
+
+    def convert(self, group: dict[str, Any]) -> None:
+        """Move ``weight_decay`` to the hook's key (idempotent) and record the mask share."""
+        if HOOK_WEIGHT_DECAY not in group:
+            group[HOOK_WEIGHT_DECAY] = group[WEIGHT_DECAY]
+            group[WEIGHT_DECAY] = 0.0
+        if self.mask_share:
+            group[MASK_SHARE] = self.mask_share
+
+
+def _plan(
+    optimizer: Optimizer, masks: Mapping[int, tuple[Tensor, Tensor]], names: HookNames, declared: DecayStyle | None
+) -> list[_HookedGroup]:
+    """Validate placement and style; one :class:`_HookedGroup` per group with masks or L1."""
+    placed = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g[PARAMS]}
+    for param, _ in masks.values():
+        check_placement(optimizer, param, placed.get(id(param)), names)
+    names.check_l1(optimizer, placed)
+    hooked = []
+    for index, group in enumerate(optimizer.param_groups):
+        penalty = group_penalty(optimizer, index)
+        if penalty == "l2" and not any(id(p) in masks for p in group[PARAMS]):
+            continue
+        style = group_style(optimizer, index, declared)
+        names.check_no_excluded(optimizer, index)
+        masked = [masks[id(p)] for p in group[PARAMS] if id(p) in masks]
+        plain = [p for p in group[PARAMS] if id(p) not in masks]
+        batches = [_Batch([p for p, _ in masked], [m for _, m in masked])] if masked else []
+        batches += [_Batch(plain, None)] if plain else []
+        share = sum(p.numel() for p, _ in masked) / max(1, sum(p.numel() for p in group[PARAMS]))
+        hooked.append(_HookedGroup(index, style, penalty, batches, share))
+    return hooked
+
+
+def _positions(optimizer: Optimizer) -> dict[int, int]:
+    """``{id(param): position}`` in the numbering of the optimizer's ``state_dict``."""
+    params = (p for g in optimizer.param_groups for p in g[PARAMS])
+    return {id(p): i for i, p in enumerate(params)}
