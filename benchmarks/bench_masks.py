@@ -5,7 +5,7 @@ parameters, half) carry a per-element mask of the same shape (random values in [
 
 * ``no decay``: ``AdamW(weight_decay=0)``, the baseline of the ``decay ms`` column.
 * ``plain``: ``AdamW(weight_decay=0.05)``, the optimizer's own decay, no mask.
-* ``masked``: the same optimizer with :func:`lightning_nodecay.apply_weight_decay_masks`.
+* ``masked``: the same optimizer with :func:`lightning_nodecay.attach_weight_decay_hook`.
 * ``penalty in loss``: the seed's approach: masked layers in a ``weight_decay=0`` group and
   ``0.5 * 0.05 * sum(mask * p**2)`` added to the loss and backpropagated (one more autograd graph
   every step; also the wrong semantics for AdamW, which is why the library decouples it).
@@ -32,7 +32,7 @@ import torch
 from _bench import print_table
 from torch import nn
 
-from lightning_nodecay import apply_weight_decay_masks
+from lightning_nodecay import attach_weight_decay_hook
 
 LAYERS, WIDTH, WEIGHT_DECAY, LR = 10, 1000, 0.05, 1e-3
 
@@ -60,7 +60,7 @@ def plain() -> Setup:
 def masked() -> Setup:
     model, masks = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    apply_weight_decay_masks(optimizer, masks, module=model)
+    attach_weight_decay_hook(optimizer, masks, module=model)
     return model, optimizer, None
 
 

@@ -17,9 +17,9 @@ import sys
 
 import torch
 from digits import DigitsClassifier, DigitsDataModule
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, LRSchedulerCallable, OptimizerCallable
 
-from lightning_nodecay import LRSchedulerCallable, NoDecayMixin, OptimizerCallable
+from lightning_nodecay import NoDecayMixin
 
 QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
 

@@ -103,6 +103,8 @@ def _last_segment_regex(pattern: str) -> re.Pattern[str] | None:
 @lru_cache(maxsize=512)  # once per pattern, not once per grouping
 def _compile(pattern: str) -> re.Pattern[str]:
     segments = pattern.split(".")
+    if segments == ["**"]:  # as an own-name pattern: any own name
+        return re.compile(r"[^.]*")
     regex = ""
     for i, segment in enumerate(segments):
         if segment == "**":
