@@ -1,11 +1,19 @@
-"""Shared fixtures."""
+"""Session setup and shared fixtures."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set up the session: no forking Trainers, one intra-op thread (small tensors, a 2-core machine)."""
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

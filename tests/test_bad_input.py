@@ -12,19 +12,21 @@ from contextlib import nullcontext
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, log_lines, trainer_kwargs
+from fits import log_lines, trainer_kwargs
+from models import RandomDataset
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_nodecay import (
+    GroupRules,
     LayoutMismatchError,
     NoDecayBackboneFinetuning,
     NoDecayMixin,
     param_groups,
     unfreeze_and_add_param_groups,
 )
-from lightning_nodecay.layout import resume_layouts, save_layouts
+from lightning_nodecay._checkpoint import resume_layouts, save_layouts
 
 
 class Model(NoDecayMixin, pl.LightningModule):
@@ -101,77 +103,77 @@ def with_groups(groups_of):
 CATALOGUE = [
     # (misuse, error, culprit, fix)
     pytest.param(
-        lambda: param_groups(net(), no_decay_param_names="bias"),
+        lambda: param_groups(net(), GroupRules(no_decay_param_names="bias")),
         TypeError,
         r"`no_decay_param_names` must be a tuple or list of strings, got 'bias'",
         r"Wrap a single pattern in a tuple: `\('bias',\)`",
         id="names-bare-string",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_module_types=nn.LayerNorm),
+        lambda: param_groups(net(), GroupRules(no_decay_module_types=nn.LayerNorm)),
         TypeError,
         r"`no_decay_module_types` must be a tuple or list",
         r"Wrap a single type in a tuple: `\(LayerNorm,\)`",
         id="types-single-class",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_module_types=(nn.LayerNorm(4),)),
+        lambda: param_groups(net(), GroupRules(no_decay_module_types=(nn.LayerNorm(4),))),
         TypeError,
         r"`no_decay_module_types\[0\]` is a module instance",
         r"pass its class `LayerNorm` instead",
         id="types-module-instance",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_module_types=(int,)),
+        lambda: param_groups(net(), GroupRules(no_decay_module_types=(int,))),
         TypeError,
         r"`no_decay_module_types\[0\]` is `int`, which is not an `nn.Module` subclass",
         r"List module classes such as `nn.LayerNorm`",
         id="types-not-a-module-class",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_module_types=("LayerNorm",)),
+        lambda: param_groups(net(), GroupRules(no_decay_module_types=("LayerNorm",))),
         TypeError,
         r"`no_decay_module_types\[0\]` is 'LayerNorm' of type `str`",
         r"entries must be `nn.Module` subclasses \(e.g. `nn.LayerNorm`\)",
         id="types-string",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_param_names=(nn.LayerNorm,)),
+        lambda: param_groups(net(), GroupRules(no_decay_param_names=(nn.LayerNorm,))),
         TypeError,
         r"`no_decay_param_names\[0\]` is <class .*LayerNorm'> of type `type`",
         r"List module classes in `no_decay_module_types` instead",
         id="names-module-class",
     ),
     pytest.param(
-        lambda: param_groups(net(), no_decay_param_names=("encoder..bias",)),
+        lambda: param_groups(net(), GroupRules(no_decay_param_names=("encoder..bias",))),
         ValueError,
         r"`no_decay_param_names\[0\]` is 'encoder..bias', which has an empty segment",
         r"use `\*` for one segment or `\*\*` for any number",
         id="names-empty-segment",
     ),
     pytest.param(
-        lambda: param_groups(Model(), no_decay_param_names=("bias", "pos_embd")),
+        lambda: param_groups(Model(), GroupRules(no_decay_param_names=("bias", "pos_embd"))),
         ValueError,
         r"pattern `pos_embd` matches no parameter",
-        r"Did you mean `pos_embed`\?.*`strict=False`",
+        r"Did you mean `pos_embed`\?.*`GroupRules\(\.\.\., strict=False\)`",
         id="names-matching-nothing",
     ),
     pytest.param(
-        lambda: param_groups(net(), weight_decay_multipliers=[("2.*", 2.0)]),
+        lambda: param_groups(net(), GroupRules(weight_decay_multipliers=[("2.*", 2.0)])),
         TypeError,
         r"`weight_decay_multipliers` must be a dict",
         r"e.g. `\{'head.\*': 2.0, nn.Embedding: 0.1\}`",
         id="multipliers-not-a-dict",
     ),
     pytest.param(
-        lambda: param_groups(net(), weight_decay_multipliers={"2.*": -1.0}),
+        lambda: param_groups(net(), GroupRules(weight_decay_multipliers={"2.*": -1.0})),
         ValueError,
         r"`weight_decay_multipliers\['2.\*'\]` is -1.0",
         r"a multiplier must be a finite float >= 0",
         id="multiplier-negative",
     ),
     pytest.param(
-        lambda: param_groups(net(), weight_decay_multipliers={"2.weight": 2.0}),
+        lambda: param_groups(net(), GroupRules(weight_decay_multipliers={"2.weight": 2.0})),
         ValueError,
         r"Groups \['decay_x2'\] scale the optimizer's weight decay",
         r"pass `weight_decay=`.*or use `NoDecayMixin`",

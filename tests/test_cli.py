@@ -1,8 +1,13 @@
+"""LightningCLI with the mixin: optimizer and scheduler from the command line, and the CLI's own `--optimizer` flag."""
+
 import pytest
 import torch
-from helpers import BoringModel, TwoLayerModel, log_lines, run_cli
+from fits import log_lines, run_cli
+from models import BoringModel, TwoLayerModel
 
 from lightning_nodecay import NoDecayMixin
+
+pytest.importorskip("jsonargparse")  # LightningCLI's parser
 
 
 class PlainModel(NoDecayMixin, BoringModel):

@@ -2,6 +2,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("sklearn")  # every example trains on scikit-learn's digits
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -22,6 +26,7 @@ def test_quickstart_prints_summary_and_groups(tmp_path):
 
 def test_cli_example_weight_decay_reaches_decay_group_only(tmp_path):
     """Test the CLI example: YAML weight decay on `decay` only; a command-line override flows through."""
+    pytest.importorskip("jsonargparse")
     config = str(EXAMPLES / "config.yaml")
     result = run_example(
         "cli.py", "fit", f"--config={config}", "--quick", "--model.optimizer.weight_decay=0.2", cwd=tmp_path
@@ -33,6 +38,7 @@ def test_cli_example_weight_decay_reaches_decay_group_only(tmp_path):
 
 def test_cli_example_own_optimizer_flag_split_by_safety_net(tmp_path):
     """Test the CLI example with LightningCLI's `--optimizer`: the safety net restores the split."""
+    pytest.importorskip("jsonargparse")
     config = str(EXAMPLES / "config.yaml")
     result = run_example(
         "cli.py",
@@ -62,6 +68,7 @@ def test_finetune_example_unfrozen_backbone_split(tmp_path):
 
 def test_prelu_digits_slopes_kept_without_decay(tmp_path):
     """Test the PReLU experiment: both runs log group norms, the PNG is written, slopes stay larger without decay."""
+    pytest.importorskip("matplotlib")
     result = run_example("prelu_digits.py", "--quick", "--out", str(tmp_path / "out"), cwd=tmp_path)
     rows = {line.split("|")[0].strip(): line.split("|") for line in result.stdout.splitlines() if "|" in line}
     plain_slope, nodecay_slope = float(rows["plain"][3]), float(rows["nodecay"][3])

@@ -3,21 +3,22 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import RandomDataset, assert_same_training, group_names, lightning_pytorch_model, log_lines, trainer_kwargs
+from fits import log_lines, trainer_kwargs
+from models import RandomDataset, lightning_pytorch_model
+from oracles import assert_same_training, group_names
 from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_nodecay import (
     DEFAULT_NO_DECAY_PARAM_NAMES,
-    Layout,
     NoDecayBackboneFinetuning,
     NoDecayFinetuning,
     NoDecayMixin,
-    layout_of,
     unfreeze_and_add_param_groups,
 )
-from lightning_nodecay.layout import LAYOUT_KEY
+from lightning_nodecay._layout import Layout, layout_of
+from lightning_nodecay._schema import LAYOUTS
 
 BACKBONE_DECAY = ["backbone.0.weight", "backbone.3.weight"]
 BACKBONE_NO_DECAY = ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias", "backbone.2.weight", "backbone.3.bias"]
@@ -224,7 +225,7 @@ def test_backbone_finetuning_resume_matches_uninterrupted_run(tmp_path, nodecay_
     assert group_names(resumed_trainer.optimizers[0], resumed) == group_names(trainer.optimizers[0], uninterrupted)
     assert_same_training(resumed_trainer, resumed, trainer, uninterrupted)
     assert not log_lines(nodecay_log, "NoDecayMixin resume")
-    saved = Layout.from_state(torch.load(ckpt_path, weights_only=True)[LAYOUT_KEY][0])  # what the check compared
+    saved = Layout.from_state(torch.load(ckpt_path, weights_only=True)[LAYOUTS][0])  # what the check compared
     final = layout_of(resumed_trainer.optimizers[0].param_groups, resumed)
     assert final.groups[: len(saved.groups)] == saved.groups
 

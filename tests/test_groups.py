@@ -1,17 +1,30 @@
+"""Deciding each parameter's weight decay and building param groups (``lightning_nodecay.groups``)."""
+
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import free_port
+from fits import free_port
+from models import tanh_mlp
+from oracles import OPTIMIZERS, assert_all_close, train
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from lightning_nodecay import DEFAULT_NO_DECAY_MODULE_TYPES, DEFAULT_NO_DECAY_PARAM_NAMES, decide, param_groups
+from lightning_nodecay import (
+    DEFAULT_NO_DECAY_MODULE_TYPES,
+    DEFAULT_NO_DECAY_PARAM_NAMES,
+    GroupRules,
+    decide,
+    param_groups,
+)
+from lightning_nodecay.groups import decided_group_name
+
+WD = 0.1
 
 
-def names_by_group(module, **kwargs):
+def names_by_group(module, rules=None):
     """Map each group name to the qualified names of its parameters (names from the module itself)."""
     names = {id(p): n for n, p in module.named_parameters()}
-    return {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(module, **kwargs)}
+    return {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(module, rules)}
 
 
 class BasicBlock(nn.Module):
@@ -103,11 +116,12 @@ def test_param_groups_tied_no_decay_wins_on_either_path():
     """Test that a tied parameter excluded on one path is excluded, whichever path comes first."""
     model = TinyTransformer()
     with_embedding = DEFAULT_NO_DECAY_MODULE_TYPES + (nn.Embedding,)
-    decisions = {d.name: d for d in decide(model, no_decay_module_types=with_embedding)}
+    decisions = {d.name: d for d in decide(model, GroupRules(no_decay_module_types=with_embedding))}
     assert decisions["tok_emb.weight"].multiplier == 0
     assert decisions["tok_emb.weight"].reason == "module type `Embedding`"
     # excluded only through the second path (`head`), reached after the decayed first path
-    decisions = {d.name: d for d in decide(model, no_decay_param_names=("bias", "*_bias", "head.weight"))}
+    rules = GroupRules(no_decay_param_names=("bias", "*_bias", "head.weight"))
+    decisions = {d.name: d for d in decide(model, rules)}
     assert decisions["tok_emb.weight"].multiplier == 0
     assert decisions["tok_emb.weight"].reason == "tied to `head.weight`: name pattern `head.weight`"
 
@@ -116,7 +130,7 @@ def test_param_groups_shared_module_judged_on_every_path():
     """Test that a module shared at two paths is excluded when a pattern names either path."""
     shared = nn.Linear(3, 3)
     model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})
-    decisions = decide(model, no_decay_param_names=("b.0.weight",))
+    decisions = decide(model, GroupRules(no_decay_param_names=("b.0.weight",)))
     assert [(d.name, d.multiplier) for d in decisions] == [("a.weight", 0.0), ("a.bias", 1.0)]
 
 
@@ -124,7 +138,7 @@ def test_param_groups_embedding_excluded_when_declared():
     """Test that embeddings decay by default and can be excluded by declaring `nn.Embedding`."""
     model = TinyTransformer(tie=False)
     assert "tok_emb.weight" in names_by_group(model)["decay"]
-    groups = names_by_group(model, no_decay_module_types=DEFAULT_NO_DECAY_MODULE_TYPES + (nn.Embedding,))
+    groups = names_by_group(model, GroupRules(no_decay_module_types=DEFAULT_NO_DECAY_MODULE_TYPES + (nn.Embedding,)))
     assert "tok_emb.weight" in groups["no_decay"]
 
 
@@ -163,7 +177,7 @@ def test_param_groups_custom_norm_rule_can_be_switched_off():
     from lightning_nodecay import norm_by_class_name
 
     types = tuple(t for t in DEFAULT_NO_DECAY_MODULE_TYPES if t is not norm_by_class_name)
-    groups = names_by_group(nn.Sequential(MyRMSNorm(4)), no_decay_module_types=types)
+    groups = names_by_group(nn.Sequential(MyRMSNorm(4)), GroupRules(no_decay_module_types=types))
     assert groups == {"decay": ["0.weight"]}
 
 
@@ -239,7 +253,8 @@ def test_param_groups_same_names_when_wrapped_or_compiled():
     """Test that wrapper segments and wrapper modules do not change decisions or reasons."""
     plain = TinyTransformer(tie=False)
     patterns = DEFAULT_NO_DECAY_PARAM_NAMES + ("**.pos_embed", "attn.out_proj.weight")
-    expected = [(d.name, d.multiplier, d.reason) for d in decide(plain, no_decay_param_names=patterns)]
+    rules = GroupRules(no_decay_param_names=patterns)
+    expected = [(d.name, d.multiplier, d.reason) for d in decide(plain, rules)]
     wrapped = nn.Module()
     wrapped.add_module("_orig_mod", plain)
     for model in (
@@ -250,7 +265,7 @@ def test_param_groups_same_names_when_wrapped_or_compiled():
         torch.compile(plain),
         nn.DataParallel(Wrapper(checkpoint_wrapper(plain), "_orig_mod")),
     ):
-        got = [(d.name, d.multiplier, d.reason) for d in decide(model, no_decay_param_names=patterns)]
+        got = [(d.name, d.multiplier, d.reason) for d in decide(model, rules)]
         assert got == expected, type(model).__name__
 
 
@@ -305,12 +320,12 @@ def test_param_groups_empty_model_gives_no_groups():
 def test_param_groups_user_pattern_matching_nothing_raises_with_suggestion():
     """Test that a typo in a declared pattern raises, names the pattern and suggests a fix."""
     with pytest.raises(ValueError, match=r"`pos_emebd` matches no parameter.*Did you mean `pos_embed`"):
-        param_groups(TinyTransformer(), no_decay_param_names=("bias", "pos_emebd"))
+        param_groups(TinyTransformer(), GroupRules(no_decay_param_names=("bias", "pos_emebd")))
 
 
 def test_param_groups_unmatched_pattern_allowed_when_not_strict():
     """Test that `strict=False` accepts a pattern that matches nothing, and defaults never raise."""
-    groups = param_groups(TinyTransformer(), no_decay_param_names=("bias", "reg_token"), strict=False)
+    groups = param_groups(TinyTransformer(), GroupRules(no_decay_param_names=("bias", "reg_token"), strict=False))
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     param_groups(nn.Linear(2, 2, bias=False))  # no bias anywhere: the default patterns stay silent
 
@@ -319,7 +334,7 @@ def test_param_groups_pattern_matching_only_frozen_parameters_is_not_a_typo():
     """Test that a pattern naming a frozen parameter is accepted (fine-tuning keeps its declarations)."""
     model = TinyTransformer(tie=False)
     model.pos_embed.requires_grad_(False)
-    groups = names_by_group(model, no_decay_param_names=("bias", "pos_embed"))
+    groups = names_by_group(model, GroupRules(no_decay_param_names=("bias", "pos_embed")))
     assert all("pos_embed" not in names for names in groups.values())
 
 
@@ -327,12 +342,95 @@ def test_param_groups_multipliers_need_weight_decay():
     """Test that multiplier groups without a base `weight_decay` raise instead of silently using 1x."""
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"\['decay_x2'\] scale the optimizer's weight decay.*`weight_decay=`"):
-        param_groups(model, weight_decay_multipliers={"1.*": 2.0})
-    groups = param_groups(model, weight_decay_multipliers={"1.*": 2.0}, weight_decay=0.1)
+        param_groups(model, GroupRules(weight_decay_multipliers={"1.*": 2.0}))
+    groups = param_groups(model, GroupRules(weight_decay_multipliers={"1.*": 2.0}), weight_decay=0.1)
     assert [(g["name"], g.get("weight_decay")) for g in groups] == [
         ("decay", None),
         ("no_decay", 0.0),
         ("decay_x2", 0.2),
+    ]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_multipliers_rule_equals_group_with_scaled_weight_decay(name):
+    """Test that a 2.0 rule for 20 steps equals a hand-built group with twice the weight decay."""
+    ruled, by_hand = tanh_mlp(), tanh_mlp()
+    groups = param_groups(ruled, GroupRules(weight_decay_multipliers={"2.weight": 2.0}), weight_decay=WD)
+    assert [(g["name"], g.get("weight_decay")) for g in groups] == [
+        ("decay", None),
+        ("no_decay", 0.0),
+        ("decay_x2", 2 * WD),
+    ]
+    train(ruled, OPTIMIZERS[name](groups, weight_decay=WD))
+    hand_groups = [
+        {"params": [by_hand[0].weight]},
+        {"params": [by_hand[0].bias, by_hand[2].bias], "weight_decay": 0.0},
+        {"params": [by_hand[2].weight], "weight_decay": 2 * WD},
+    ]
+    train(by_hand, OPTIMIZERS[name](hand_groups, weight_decay=WD))
+    assert_all_close(ruled, by_hand)
+
+
+@pytest.mark.parametrize(
+    ("multipliers", "expected"),
+    [
+        ({"*": 2.0}, {"0.weight": 2.0, "0.bias": 0.0, "2.weight": 2.0, "2.bias": 0.0}),  # exclusions win
+        ({"*": 3.0, "2.*": 0.5}, {"0.weight": 3.0, "0.bias": 0.0, "2.weight": 0.5, "2.bias": 0.0}),
+        ({nn.Linear: 0.25, "0.weight": 4.0}, {"0.weight": 0.25, "0.bias": 0.0, "2.weight": 0.25, "2.bias": 0.0}),
+        ({"0.weight": 0.0}, {"0.weight": 0.0, "0.bias": 0.0, "2.weight": 1.0, "2.bias": 0.0}),
+    ],
+)
+def test_multipliers_smallest_proposal_wins(multipliers, expected):
+    """Test the precedence rule: every matching rule proposes, exclusions propose 0, the smallest wins."""
+    assert {
+        d.name: d.multiplier for d in decide(tanh_mlp(), GroupRules(weight_decay_multipliers=multipliers))
+    } == expected
+
+
+def test_multipliers_tied_parameter_takes_smallest_over_paths():
+    """Test that a parameter reached through two paths gets the smallest multiplier of both."""
+    net = tanh_mlp()
+    net.append(net[0])  # `3.weight` is `0.weight`
+    decisions = decide(net, GroupRules(weight_decay_multipliers={"0.weight": 2.0, "3.weight": 0.5}))
+    (tied,) = [d for d in decisions if d.param is net[0].weight]
+    assert (tied.name, tied.multiplier, tied.reason) == (
+        "0.weight",
+        0.5,
+        "tied to `3.weight`: multiplier rule `3.weight`",
+    )
+
+
+def test_multipliers_group_names_stay_unique():
+    """Test that multipliers equal to 6 significant digits still get distinct group names."""
+    net = tanh_mlp()
+    rules = GroupRules(weight_decay_multipliers={"0.weight": 0.1234567, "2.weight": 0.1234568})
+    groups = param_groups(net, rules, weight_decay=1)
+    names = [g["name"] for g in groups]
+    assert names == ["no_decay", "decay_x0.1234567", "decay_x0.1234568"]
+    assert decided_group_name(0.5) == "decay_x0.5"
+
+
+def test_l1_rules_decide_penalty_and_groups():
+    """Test that L1 rules switch decayed parameters to L1 groups and leave excluded ones excluded."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2))
+    decisions = decide(
+        net, GroupRules(weight_decay_l1=("1.*", nn.LayerNorm), weight_decay_multipliers={"0.weight": 2.0})
+    )
+    assert [(d.name, d.multiplier, d.penalty, d.group) for d in decisions] == [
+        ("0.weight", 2.0, "l2", "decay_x2"),
+        ("0.bias", 0.0, "l2", "no_decay"),
+        ("1.weight", 1.0, "l1", "decay_l1"),
+        ("1.bias", 0.0, "l2", "no_decay"),
+        ("2.weight", 0.0, "l2", "no_decay"),
+        ("2.bias", 0.0, "l2", "no_decay"),
+    ]
+    assert decisions[2].reason == "L1 rule `1.*`"
+    rules = GroupRules(weight_decay_l1=("*",), weight_decay_multipliers={"0.weight": 2.0})
+    groups = param_groups(net, rules, weight_decay=0.1)
+    assert [(g["name"], g.get("weight_decay"), g.get("weight_decay_penalty")) for g in groups] == [
+        ("no_decay", 0.0, None),
+        ("decay_l1", None, "l1"),
+        ("decay_x2_l1", pytest.approx(0.2), "l1"),
     ]
 
 

@@ -1,4 +1,6 @@
-"""Per-element weight-decay masks and L1 groups (``lightning_nodecay.masks``), against oracles."""
+"""The weight-decay step hook (``lightning_nodecay.hook``): per-element masks and L1 groups, against oracles.
+
+Its input checks are in ``test_hook_checks.py``."""
 
 from __future__ import annotations
 
@@ -9,34 +11,20 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import FIT_OPTIMIZERS, OPTIMIZERS, TwoLayerModel, assert_close, train, trainer_kwargs
+from fits import FIT_OPTIMIZERS, trainer_kwargs
+from models import TanhNet, TwoLayerModel
+from oracles import OPTIMIZERS, assert_close, train
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from lightning_nodecay import apply_weight_decay_masks, attached_masks, decide, param_groups, summarize
+from lightning_nodecay import GroupRules, WeightDecayHook, attach_weight_decay_hook, param_groups
 
 WD = 0.1
 
 
-class Net(nn.Module):
-    """``tanh(x @ w.T) @ v.T``; ``w`` (4, 6) is the tensor that gets masks."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(4, 6, generator=gen, dtype=torch.float64))
-        self.v = nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64))
-
-    def weight(self) -> torch.Tensor:
-        return self.w
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x @ self.weight().T) @ self.v.T
-
-
-class SplitNet(Net):
-    """``Net`` with ``w`` split by hand into rows ``top`` (decayed) and ``bottom`` (not)."""
+class SplitNet(TanhNet):
+    """``TanhNet`` with ``w`` split by hand into rows ``top`` (decayed) and ``bottom`` (not)."""
 
     def __init__(self, rows: int, seed: int = 0) -> None:
         super().__init__(seed)
@@ -53,10 +41,10 @@ class SplitNet(Net):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_masks_all_ones_equal_group_weight_decay(name, closure):
     """Test that an all-ones mask for 20 steps equals the group's own weight decay."""
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     train(plain, OPTIMIZERS[name](plain.parameters(), weight_decay=WD), closure=closure)
     optimizer = OPTIMIZERS[name](masked.parameters(), weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=masked)  # `v` stays unmasked
+    attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=masked)  # `v` stays unmasked
     train(masked, optimizer, closure=closure)
     assert optimizer.param_groups[0]["weight_decay"] == 0.0  # the hook did all the decay
     assert_close(masked.w, plain.w)
@@ -66,11 +54,11 @@ def test_masks_all_ones_equal_group_weight_decay(name, closure):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_masks_zero_one_rows_equal_tensor_split_by_hand(name):
     """Test that a 0/1 mask (one per row, broadcast) equals the tensor split into decay / no-decay groups."""
-    split, masked = SplitNet(rows=2), Net()
+    split, masked = SplitNet(rows=2), TanhNet()
     groups = [{"params": [split.top, split.v]}, {"params": [split.bottom], "weight_decay": 0.0}]
     train(split, OPTIMIZERS[name](groups, weight_decay=WD))
     optimizer = OPTIMIZERS[name](masked.parameters(), weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {masked.w: torch.tensor([[1.0], [1.0], [0.0], [0.0]])})
+    attach_weight_decay_hook(optimizer, {masked.w: torch.tensor([[1.0], [1.0], [0.0], [0.0]])})
     train(masked, optimizer)
     assert_close(masked.w, split.weight())
     assert_close(masked.v, split.v)
@@ -90,7 +78,7 @@ def adamw_oracle(p, state, grad, lr, wd, mask, betas=(0.9, 0.999), eps=1e-8):
     return p - step, (t, m, v)
 
 
-def train_with_oracle(reference: Net, oracle, lr: float, strength: float, mask: torch.Tensor) -> None:
+def train_with_oracle(reference: TanhNet, oracle, lr: float, strength: float, mask: torch.Tensor) -> None:
     """`train` ``reference`` with ``oracle`` as its update: ``w`` under ``mask``, ``v`` unmasked."""
     probe = torch.optim.SGD(reference.parameters(), lr=0.0)  # computes gradients only
     states: dict[str, object] = {"w": None, "v": None}
@@ -112,9 +100,9 @@ def train_with_oracle(reference: Net, oracle, lr: float, strength: float, mask: 
 def test_masks_fractional_multipliers_match_hand_written_update(name, oracle, lr):
     """Test that per-element multipliers (0, 0.5, 1, 3) follow a hand-written SGD / AdamW update."""
     mask = torch.tensor([0.0, 0.5, 1.0, 3.0]).repeat(6, 1).T.contiguous()
-    net, reference = Net(), Net()
+    net, reference = TanhNet(), TanhNet()
     optimizer = OPTIMIZERS[name](net.parameters(), weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": mask}, module=net)
+    attach_weight_decay_hook(optimizer, {"w": mask}, module=net)
     train(net, optimizer)
     train_with_oracle(reference, oracle, lr, WD, mask)
     assert_close(net.w, reference.w)
@@ -128,11 +116,11 @@ def test_masks_follow_lr_scheduler(name):
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 10 else 0.1 + step / 10)
 
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     optimizer = OPTIMIZERS[name](plain.parameters(), weight_decay=WD * 0.5)
     train(plain, optimizer, scheduler=schedule(optimizer))
     optimizer = OPTIMIZERS[name](masked.parameters(), weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": torch.full((4, 1), 0.5), "v": torch.full((3, 4), 0.5)}, module=masked)
+    attach_weight_decay_hook(optimizer, {"w": torch.full((4, 1), 0.5), "v": torch.full((3, 4), 0.5)}, module=masked)
     train(masked, optimizer, scheduler=schedule(optimizer))
     assert optimizer.param_groups[0]["lr"] != OPTIMIZERS[name].keywords["lr"]
     assert_close(masked.w, plain.w)
@@ -141,10 +129,10 @@ def test_masks_follow_lr_scheduler(name):
 @pytest.mark.parametrize("name", ["SGD-momentum", "AdamW"])
 def test_masks_maximize_decays_towards_zero(name):
     """Test that with `maximize=True` an all-ones mask still equals the optimizer's own decay."""
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     train(plain, OPTIMIZERS[name](plain.parameters(), weight_decay=WD, maximize=True))
     optimizer = OPTIMIZERS[name](masked.parameters(), weight_decay=WD, maximize=True)
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=masked)
+    attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=masked)
     train(masked, optimizer)
     assert_close(masked.w, plain.w)
 
@@ -166,10 +154,10 @@ def test_masks_amp_skipped_step_applies_no_decay(name):
             after.append(net.w.detach().clone())
         return after
 
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     expected = run(plain, OPTIMIZERS[name](plain.parameters(), weight_decay=WD), poisoned_steps={1})
     optimizer = OPTIMIZERS[name](masked.parameters(), weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=masked)
+    attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=masked)
     after = run(masked, optimizer, poisoned_steps={1})
     assert torch.equal(after[1], after[0])  # skipped: not even decayed
     assert not torch.equal(after[2], after[1])
@@ -180,15 +168,15 @@ def test_masks_amp_skipped_step_applies_no_decay(name):
 def test_masks_checkpoint_in_optimizer_state_dict_round_trip():
     """Test that masks travel in the optimizer's state_dict and a restore continues the run exactly."""
     mask = torch.tensor([[1.0], [0.0], [2.0], [0.5]])
-    net, resumed = Net(), Net()
+    net, resumed = TanhNet(), TanhNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": mask}, module=net)
+    attach_weight_decay_hook(optimizer, {"w": mask}, module=net)
     train(net, optimizer, steps=5)
     state = copy.deepcopy(optimizer.state_dict())  # `state_dict()` shares the live state tensors
     assert set(state["weight_decay_masks"]) == {0}
     resumed.load_state_dict(net.state_dict())
     other = torch.optim.AdamW(resumed.parameters(), lr=0.01, weight_decay=WD)
-    handle = apply_weight_decay_masks(other, {"w": torch.ones(4, 6)}, module=resumed)
+    handle = attach_weight_decay_hook(other, {"w": torch.ones(4, 6)}, module=resumed)
     other.load_state_dict(state)
     assert torch.equal(handle.named_masks()["w"], mask.double())
     assert other.param_groups[0]["weight_decay"] == 0.0
@@ -200,10 +188,10 @@ def test_masks_checkpoint_in_optimizer_state_dict_round_trip():
 
 def test_masks_follow_module_to():
     """Test that masks follow their parameter's dtype after `module.to(...)` and stay exact."""
-    net, reference = Net(), Net()
+    net, reference = TanhNet(), TanhNet()
     net.float()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=WD)
-    handle = apply_weight_decay_masks(optimizer, {"w": torch.tensor([[1.0], [0.0], [1.0], [0.0]])}, module=net)
+    handle = attach_weight_decay_hook(optimizer, {"w": torch.tensor([[1.0], [0.0], [1.0], [0.0]])}, module=net)
     assert handle.masks[net.w].dtype == torch.float32
     net.double()
     train(net, optimizer)
@@ -211,7 +199,7 @@ def test_masks_follow_module_to():
     plain = reference.w.detach().clone()
     groups = [{"params": [reference.w, reference.v]}]
     reference_optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=WD)
-    reference_handle = apply_weight_decay_masks(
+    reference_handle = attach_weight_decay_hook(
         reference_optimizer, {"w": torch.tensor([[1.0], [0.0], [1.0], [0.0]], dtype=torch.float64)}, module=reference
     )
     train(reference, reference_optimizer)
@@ -239,11 +227,11 @@ def test_l1_group_matches_hand_written_update(name, oracle, lr):
     """Test that an L1 group (masked `w`, unmasked `v`) follows the hand-written coupled / proximal update."""
     l1 = 2.0  # strong enough that the proximal threshold (lr * l1 = 0.02 a step) clips small weights
     mask = torch.tensor([[1.0], [0.0], [0.5], [2.0]])
-    net, reference = Net(), Net()
-    groups = param_groups(net, weight_decay_l1=("*",), no_decay_param_names=())
+    net, reference = TanhNet(), TanhNet()
+    groups = param_groups(net, GroupRules(weight_decay_l1=("*",), no_decay_param_names=()))
     assert [(g["name"], g["weight_decay_penalty"]) for g in groups] == [("decay_l1", "l1")]
     optimizer = OPTIMIZERS[name](groups, weight_decay=l1)
-    apply_weight_decay_masks(optimizer, {"w": mask}, module=net)
+    attach_weight_decay_hook(optimizer, {"w": mask}, module=net)
     train(net, optimizer)
     train_with_oracle(reference, oracle, lr, l1, mask)
     assert_close(net.w, reference.w)
@@ -256,25 +244,25 @@ def test_masks_unknown_optimizer_with_declared_style():
     class MyAdamW(torch.optim.AdamW):
         pass
 
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     train(plain, torch.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=WD))
     optimizer = MyAdamW(masked.parameters(), lr=0.01, weight_decay=WD)
     with pytest.raises(ValueError, match=r"`MyAdamW` is not a `torch.optim` optimizer.*decay_style=\"decoupled\""):
-        apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=masked)
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=masked, decay_style="decoupled")
+        attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=masked)
+    attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=masked, decay_style="decoupled")
     train(masked, optimizer)
     assert_close(masked.w, plain.w)
 
 
 def test_masks_remove_gives_weight_decay_back():
     """Test that `remove()` detaches the hook and restores the group's weight_decay."""
-    net = Net()
+    net = TanhNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
-    handle = apply_weight_decay_masks(optimizer, {"w": torch.zeros(4, 6)}, module=net)
+    handle = attach_weight_decay_hook(optimizer, {"w": torch.zeros(4, 6)}, module=net)
     assert optimizer.param_groups[0]["weight_decay_mask_share"] == pytest.approx(24 / 36)
-    assert attached_masks(optimizer) is handle
+    assert WeightDecayHook.of(optimizer) is handle
     handle.remove()
-    assert attached_masks(optimizer) is None
+    assert WeightDecayHook.of(optimizer) is None
     assert {k for k in optimizer.param_groups[0] if "decay" in k} == {"weight_decay", "decoupled_weight_decay"}
     assert optimizer.param_groups[0]["weight_decay"] == WD
     before = net.w.detach().clone()
@@ -285,9 +273,9 @@ def test_masks_remove_gives_weight_decay_back():
 
 def test_masks_skip_parameters_without_gradient():
     """Test that, as in torch.optim, a parameter without a gradient is not decayed."""
-    net = Net()
+    net = TanhNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, module=net)
+    attach_weight_decay_hook(optimizer, {"w": torch.ones(4, 6)}, module=net)
     before = net.w.detach().clone()
     net.v.grad = torch.ones_like(net.v)
     optimizer.step()
@@ -296,11 +284,11 @@ def test_masks_skip_parameters_without_gradient():
 
 def test_masks_load_state_dict_of_unmasked_run_keeps_the_hook():
     """Test that loading a state_dict saved without masks re-hooks the groups it replaces."""
-    plain, masked = Net(), Net()
+    plain, masked = TanhNet(), TanhNet()
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.05, weight_decay=0.3)
     train(plain, optimizer, steps=2)
     hooked = torch.optim.SGD(masked.parameters(), lr=0.05, weight_decay=WD)
-    handle = apply_weight_decay_masks(hooked, {"w": torch.zeros(4, 6)}, module=masked)
+    handle = attach_weight_decay_hook(hooked, {"w": torch.zeros(4, 6)}, module=masked)
     hooked.load_state_dict(optimizer.state_dict())
     group = hooked.param_groups[0]
     assert (group["weight_decay"], group["hook_weight_decay"], group["weight_decay_mask_share"]) == (
@@ -309,72 +297,6 @@ def test_masks_load_state_dict_of_unmasked_run_keeps_the_hook():
         pytest.approx(24 / 36),
     )
     assert torch.equal(handle.masks[masked.w], torch.zeros(4, 6, dtype=torch.float64))
-
-
-class Frozen(Net):
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(3))
-
-
-def build(**overrides):
-    net = Frozen()
-    groups = param_groups(net)
-    kwargs = {"module": net, "decisions": decide(net)} | overrides
-    return net, torch.optim.AdamW(groups, lr=0.01, weight_decay=WD), kwargs
-
-
-@pytest.mark.parametrize(
-    ("masks", "error", "match"),
-    [
-        ({"w": torch.ones(6, 4)}, ValueError, r"mask of `w` has shape \(6, 4\).*shape \(4, 6\).*\(4, 1\)"),
-        ({"w": torch.ones(1, 4, 6)}, ValueError, r"mask of `w` has shape \(1, 4, 6\), which does not broadcast"),
-        ({"w": -torch.ones(4, 1)}, ValueError, r"mask of `w` has a negative multiplier \(-1\)"),
-        ({"w": torch.tensor([[1.0], [math.nan], [1.0], [1.0]])}, ValueError, r"mask of `w` contains NaN or inf"),
-        ({"v": torch.full((3, 4), math.inf)}, ValueError, r"mask of `v` contains NaN or inf"),
-        ({"ww": torch.ones(4, 6)}, ValueError, r"unknown parameter `ww`\. Did you mean `w`\?"),
-        ({"frozen": torch.ones(3)}, ValueError, r"`frozen` has a weight-decay mask but is frozen"),
-        ({"bias": torch.ones(3)}, ValueError, r"`bias` has a weight-decay mask but is excluded.*name pattern `bias`"),
-        ({"w": [1.0]}, TypeError, r"mask of `w` must be a tensor; got list"),
-        ({"w": torch.ones(4, 6), "_orig_mod.w": torch.ones(4, 6)}, ValueError, r"`w` has two weight-decay masks"),
-    ],
-)
-def test_masks_refuse_bad_masks_naming_the_parameter(masks, error, match):
-    """Test that every bad mask is refused before training with the parameter's name."""
-    _, optimizer, kwargs = build()
-    with pytest.raises(error, match=match):
-        apply_weight_decay_masks(optimizer, masks, **kwargs)
-    assert attached_masks(optimizer) is None
-
-
-def test_masks_refuse_bad_setups():
-    """Test the setup errors: decay-less group, foreign parameter, names without module, fused, twice, style."""
-    net, optimizer, kwargs = build()
-    with pytest.raises(
-        ValueError, match=r"`bias` has a weight-decay mask but is in group `no_decay`.*weight_decay is 0"
-    ):
-        apply_weight_decay_masks(optimizer, {net.bias: torch.ones(3)}, module=net)
-    with pytest.raises(ValueError, match=r"in no param group of `AdamW`"):
-        apply_weight_decay_masks(optimizer, {nn.Parameter(torch.ones(2)): torch.ones(2)})
-    with pytest.raises(TypeError, match=r"mask `w` is keyed by name: pass the model"):
-        apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)})
-    with pytest.raises(ValueError, match=r"`decay_style='coupled'` contradicts `AdamW`.*decoupled"):
-        apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, **kwargs, decay_style="coupled")
-    apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, **kwargs)
-    with pytest.raises(ValueError, match=r"`AdamW` already has weight-decay masks"):
-        apply_weight_decay_masks(optimizer, {"w": torch.ones(4, 6)}, **kwargs)
-    fused = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=WD, fused=True)
-    with pytest.raises(ValueError, match=r"uses `fused=True`"):
-        apply_weight_decay_masks(fused, {"w": torch.ones(4, 6)}, module=net)
-    mixed = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
-    with pytest.raises(
-        ValueError, match=r"`bias` is excluded from weight decay by name pattern `bias` but is in group `pg1`"
-    ):
-        apply_weight_decay_masks(mixed, {"w": torch.ones(4, 6)}, **kwargs)
-    plain_l1 = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=WD)
-    with pytest.raises(ValueError, match=r"`w` should get an L1 penalty \(L1 rule `w`\) but is in group `pg1`"):
-        apply_weight_decay_masks(plain_l1, {}, module=net, decisions=decide(net, weight_decay_l1=("w",)))
 
 
 class MaskedModel(TwoLayerModel):
@@ -453,7 +375,7 @@ def test_mixin_masks_saved_in_checkpoint_and_restored(tmp_path):
     resumed = MaskedModel(torch.ones(2, 1))  # a different mask: the checkpoint's must win
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "second", max_epochs=2, max_steps=-1, **kwargs))
     trainer.fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    handle = attached_masks(trainer.optimizers[0])
+    handle = WeightDecayHook.of(trainer.optimizers[0])
     assert torch.equal(handle.named_masks()["head.weight"], mask.double())
     for actual, expected in zip(params(resumed), params(whole), strict=True):
         assert_close(actual, expected)
@@ -491,7 +413,7 @@ def test_mixin_masks_applied_when_optimizer_built_elsewhere(tmp_path):
 
     model = fit(Replaced(torch.zeros(2, 1)), tmp_path, max_steps=1)
     optimizer = model.trainer.optimizers[0]
-    assert attached_masks(optimizer).named_masks().keys() == {"head.weight"}
+    assert WeightDecayHook.of(optimizer).named_masks().keys() == {"head.weight"}
     assert [g.get("hook_weight_decay") for g in optimizer.param_groups] == [0.5, None]  # bias moved by safety net
 
     class ReplacedL1(Replaced):
@@ -501,51 +423,14 @@ def test_mixin_masks_applied_when_optimizer_built_elsewhere(tmp_path):
         fit(ReplacedL1(), tmp_path, max_steps=1)
 
 
-def test_summary_masks_keyed_by_parameter():
-    """Test that `summarize` reports the mask share and the element-weighted effective multiplier."""
-    net = Net()
-    summary = summarize(decide(net), masks={net.w: torch.tensor([[0.0], [0.0], [0.0], [1.0]])})
-    (group,) = summary.groups
-    assert (group.mask_share, group.effective_multiplier) == (pytest.approx(24 / 36), pytest.approx((6 + 12) / 36))
-
-
-def test_l1_rules_decide_penalty_and_groups():
-    """Test that L1 rules switch decayed parameters to L1 groups and leave excluded ones excluded."""
-    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2))
-    decisions = decide(net, weight_decay_l1=("1.*", nn.LayerNorm), weight_decay_multipliers={"0.weight": 2.0})
-    assert [(d.name, d.multiplier, d.penalty, d.group) for d in decisions] == [
-        ("0.weight", 2.0, "l2", "decay_x2"),
-        ("0.bias", 0.0, "l2", "no_decay"),
-        ("1.weight", 1.0, "l1", "decay_l1"),
-        ("1.bias", 0.0, "l2", "no_decay"),
-        ("2.weight", 0.0, "l2", "no_decay"),
-        ("2.bias", 0.0, "l2", "no_decay"),
-    ]
-    assert decisions[2].reason == "L1 rule `1.*`"
-    groups = param_groups(net, weight_decay_l1=("*",), weight_decay_multipliers={"0.weight": 2.0}, weight_decay=0.1)
-    assert [(g["name"], g.get("weight_decay"), g.get("weight_decay_penalty")) for g in groups] == [
-        ("no_decay", 0.0, None),
-        ("decay_l1", None, "l1"),
-        ("decay_x2_l1", pytest.approx(0.2), "l1"),
-    ]
-
-
-def test_l1_rules_refuse_bad_declarations():
-    """Test that a bare string and an unmatched L1 pattern are refused with the argument's name."""
-    with pytest.raises(TypeError, match=r"`weight_decay_l1` must be a tuple.*Wrap a single rule in a tuple"):
-        decide(Net(), weight_decay_l1="w")
-    with pytest.raises(ValueError, match=r"`weight_decay_l1` pattern `ww` matches no parameter.*Did you mean `w`"):
-        decide(Net(), weight_decay_l1=("ww",))
-
-
 def test_masks_accept_bool_masks():
     """Test that a bool mask acts as the 0/1 float mask it stands for."""
-    as_float, as_bool = Net(), Net()
+    as_float, as_bool = TanhNet(), TanhNet()
     for net, mask in (
         (as_float, torch.tensor([[1.0], [0.0], [1.0], [0.0]])),
         (as_bool, torch.tensor([[True], [False], [True], [False]])),
     ):
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=WD)
-        apply_weight_decay_masks(optimizer, {net.w: mask})
+        attach_weight_decay_hook(optimizer, {net.w: mask})
         train(net, optimizer, steps=5)
     assert torch.equal(as_bool.w, as_float.w)

@@ -8,7 +8,27 @@ import pytest
 import lightning_nodecay
 
 PACKAGE = Path(lightning_nodecay.__file__).parent
-CORE = ("rules", "groups", "summary", "safety_net", "masks", "layout", "norms", "plot", "_log")
+CORE = (
+    "rules",
+    "_patterns",
+    "_verdicts",
+    "groups",
+    "summary",
+    "_safety_net",
+    "hook",
+    "_semantics",
+    "_hook_checks",
+    "_kernels",
+    "_layout",
+    "_remap",
+    "norms",
+    "plot",
+    "_log",
+    "_naming",
+    "_schema",
+    "_invariant",
+)
+GLUE = ("_lightning", "_lifecycle", "_checkpoint", "mixin", "monitor", "finetuning")
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 
 
@@ -31,3 +51,10 @@ def test_core_module_imports_no_lightning(module):
     assert not {name for name in names if name.split(".")[0] in LIGHTNING}
     package = {name.removeprefix("lightning_nodecay.") for name in names if name.startswith("lightning_nodecay.")}
     assert package <= set(CORE), package - set(CORE)
+
+
+def test_every_module_is_core_or_glue():
+    """Test that every module of the package is listed as core or as glue, so a new one gets the check above."""
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(CORE) | set(GLUE)
+    assert not set(CORE) & set(GLUE)

@@ -71,7 +71,12 @@ def test_lifecycle_without_super_on_fit_start_still_splits(tmp_path, nodecay_log
     model = Model()
     trainer = fit(tmp_path, model)
     assert model.started
-    assert names_by_group(trainer, model)["no_decay"] == ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias", "head.bias"]
+    assert names_by_group(trainer, model)["no_decay"] == [
+        "backbone.0.bias",
+        "backbone.1.weight",
+        "backbone.1.bias",
+        "head.bias",
+    ]
     assert any("Weight decay groups of `Model`" in r.getMessage() for r in nodecay_log.records)
 
 
@@ -94,7 +99,9 @@ def test_lifecycle_without_super_on_train_epoch_start_still_checks(tmp_path):
         def on_train_epoch_start(self) -> None:
             self.epochs = getattr(self, "epochs", 0) + 1
 
-    with pytest.raises(ValueError, match=r"excluded from weight decay \(`backbone.1.weight`, `backbone.1.bias`\)"):
+    with pytest.raises(
+        ValueError, match=r"`late` of `AdamW` \(backbone.1.weight, backbone.1.bias\) holds parameters excluded"
+    ):
         fit(tmp_path, Model(), max_steps=-1, max_epochs=3, callbacks=[ExcludedIntoDecay()])
 
 

@@ -4,7 +4,9 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import BoringModel, NoDecayBoringModel, group_names, lightning_pytorch_model, log_lines, trainer_kwargs
+from fits import FIT_OPTIMIZERS, log_lines, run_cli, trainer_kwargs
+from models import BoringModel, NoDecayBoringModel, TwoLayerModel, lightning_pytorch_model
+from oracles import assert_all_close, group_names
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
@@ -134,6 +136,40 @@ def test_mixin_overridden_param_groups_with_a_foreign_parameter_raise():
 
     with pytest.raises(ValueError, match=r"puts a parameter in group `pg1` that is frozen or not part of the model"):
         Net().configure_optimizers()
+
+
+class Ruled(TwoLayerModel):
+    weight_decay_multipliers = {"head.weight": 2.0}  # noqa: RUF012
+
+
+class ByHand(TwoLayerModel):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [
+            {"params": [self.body.weight]},
+            {"params": [self.body.bias, self.head.bias], "weight_decay": 0.0},
+            {"params": [self.head.weight], "weight_decay": 2 * 0.5},
+        ]
+        return self.optimizer(groups)
+
+
+@pytest.mark.parametrize("optimizer", FIT_OPTIMIZERS.values(), ids=FIT_OPTIMIZERS)
+def test_multipliers_mixin_rule_equals_hand_built_group_in_trainer_fit(tmp_path, optimizer):
+    """Test that through a real Trainer fit a 2.0 rule equals a hand-built group with twice the decay."""
+    kwargs = trainer_kwargs(tmp_path, max_steps=5, precision="64-true")
+    ruled, by_hand = Ruled(optimizer), ByHand(optimizer)
+    pl.Trainer(**kwargs).fit(ruled)
+    pl.Trainer(**kwargs).fit(by_hand)
+    groups = ruled.trainer.optimizers[0].param_groups
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.5), ("no_decay", 0.0), ("decay_x2", 1.0)]
+    assert_all_close(ruled, by_hand)
+
+
+def test_multipliers_follow_cli_weight_decay(tmp_path):
+    """Test that `--model.optimizer.weight_decay` from LightningCLI scales the multiplier groups."""
+    args = ["--model.optimizer=SGD", "--model.optimizer.lr=0.1", "--model.optimizer.weight_decay=0.3"]
+    cli = run_cli(Ruled, tmp_path, *args, max_steps=1)
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.3), ("no_decay", 0.0), ("decay_x2", 0.6)]
 
 
 class HandWrittenOptimizer(ZeroGradModel):

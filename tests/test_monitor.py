@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import BoringModel, NoDecayBoringModel, RandomDataset, trainer_kwargs
+from fits import trainer_kwargs
+from models import BoringModel, NoDecayBoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -189,14 +190,14 @@ def test_monitor_logs_weight_decay_and_mask_share(tmp_path):
 
 def test_monitor_writes_tensorboard_scalars(tmp_path):
     """Test that the norms reach a TensorBoard event file."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
     model = NoDecayBoringModel()
     logger = pl.loggers.TensorBoardLogger(tmp_path)
     pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1), callbacks=[WeightNormMonitor()]).fit(
         model
     )
-    events = EventAccumulator(logger.log_dir)
+    events = event_accumulator.EventAccumulator(logger.log_dir)
     events.Reload()
     scalars = events.Scalars("weight_2.0_norm/decay")
     assert [s.step for s in scalars] == [0, 1, 2]

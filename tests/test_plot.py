@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import pytorch_lightning as pl
-from helpers import NoDecayBoringModel, trainer_kwargs
+from fits import trainer_kwargs
+from models import NoDecayBoringModel
 
 from lightning_nodecay import WeightNormMonitor, plot_weight_norms
 
@@ -15,7 +16,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_plot_weight_norms_writes_png_from_csv_logger(tmp_path):
     """Test that the metrics.csv of a real fit becomes a non-blank PNG."""
-    from matplotlib.image import imread
+    image = pytest.importorskip("matplotlib.image")
 
     logger = pl.loggers.CSVLogger(tmp_path)
     kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=5)
@@ -24,7 +25,7 @@ def test_plot_weight_norms_writes_png_from_csv_logger(tmp_path):
     data = png.read_bytes()
     assert data.startswith(PNG_SIGNATURE)
     assert len(data) > 10_000
-    pixels = imread(png)
+    pixels = image.imread(png)
     assert pixels.shape[:2] == (450, 800)  # 8 x 4.5 inches at 100 dpi
     assert pixels.std() > 0.05  # lines, labels and legend drawn, not a blank canvas
 
@@ -36,6 +37,7 @@ def write_csv(path, header, *rows):
 
 def test_plot_weight_norms_chooses_among_several_norms(tmp_path):
     """Test that a file with several norms needs `norm_type`, and plots the chosen one."""
+    pytest.importorskip("matplotlib")
     header = ["step", "weight_2.0_norm/decay", "weight_inf_norm/decay", "weight_rms/decay"]
     metrics = write_csv(tmp_path / "metrics.csv", header, [0, 3.0, 1.0, 0.3], [1, 2.0, 0.9, 0.2])
     with pytest.raises(ValueError, match=r"holds several norms \['2.0', 'inf'\]: choose one with `norm_type`"):
@@ -47,6 +49,7 @@ def test_plot_weight_norms_chooses_among_several_norms(tmp_path):
 
 def test_plot_weight_norms_without_norm_columns_raises(tmp_path):
     """Test that a file without weight norms is refused, naming the file and the callback."""
+    pytest.importorskip("matplotlib")  # checked first, before the file is read
     metrics = write_csv(tmp_path / "metrics.csv", ["step", "loss", "weight_decay/decay"], [0, 1.0, 0.1])
     with pytest.raises(
         ValueError, match=r"metrics.csv` holds no `weight_\{p\}_norm/\{group\}` columns.*WeightNormMonitor"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import free_port
+from fits import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -2,21 +2,12 @@ import functools
 
 import pytest
 import torch
-from helpers import (
-    LayerNormNet,
-    NoDecayLayerNormNet,
-    StateAtTrainStart,
-    assert_same_state,
-    assert_same_training,
-    fit_with_checkpoints,
-    lightning_pytorch_model,
-    log_lines,
-    state_by_name,
-    trainer_kwargs,
-)
+from fits import fit_with_checkpoints, log_lines, state_at_train_start, trainer_kwargs
+from models import LayerNormNet, NoDecayLayerNormNet, lightning_pytorch_model
+from oracles import assert_same_state, assert_same_training, state_by_name
 
 from lightning_nodecay import DEFAULT_NO_DECAY_PARAM_NAMES, LayoutMismatchError
-from lightning_nodecay.layout import LAYOUT_KEY
+from lightning_nodecay._schema import LAYOUTS
 
 LR, GAMMA = 0.01, 0.9  # the models' learning rate, and the schedule's factor per step
 
@@ -53,7 +44,7 @@ def test_resume_checkpoint_records_the_layout_after_the_safety_net(tmp_path):
 
     fit_with_checkpoints(tmp_path, HandWritten(), max_steps=2)
     checkpoint = torch.load(tmp_path / "epoch=1-step=2.ckpt", weights_only=True)
-    assert checkpoint[LAYOUT_KEY] == [  # one layout per optimizer
+    assert checkpoint[LAYOUTS] == [  # one layout per optimizer
         [
             {"name": "decay", "params": ["net.0.weight", "net.2.weight"]},
             {"name": "no_decay", "params": ["net.0.bias", "net.1.weight", "net.1.bias", "net.2.bias"]},
@@ -90,7 +81,7 @@ def test_resume_changed_exclusions_remap_state_by_name(tmp_path, nodecay_log, de
     saved = state_by_name(saving_trainer.optimizers[0], saving)
 
     resumed = ResumeModel(**declarations)
-    probe = StateAtTrainStart()
+    probe = state_at_train_start()
     trainer = fit_with_checkpoints(
         tmp_path / "b", resumed, max_steps=6, ckpt_path=tmp_path / "a" / "epoch=3-step=4.ckpt", callbacks=[probe]
     )
@@ -117,7 +108,7 @@ def test_resume_new_and_dropped_parameters_reported(tmp_path, nodecay_log):
 
     resumed = ResumeModel()
     resumed.net[1].requires_grad_(False)
-    probe = StateAtTrainStart()
+    probe = state_at_train_start()
     fit_with_checkpoints(
         tmp_path / "b", resumed, max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt", callbacks=[probe]
     )
@@ -209,7 +200,7 @@ def test_resume_user_checkpoint_hooks_still_run(tmp_path):
     fit_with_checkpoints(tmp_path / "a", Hooked(), max_steps=2)
     checkpoint = torch.load(tmp_path / "a" / "epoch=1-step=2.ckpt", weights_only=True)
     assert checkpoint["user"] == 42
-    assert LAYOUT_KEY in checkpoint
+    assert LAYOUTS in checkpoint
     fit_with_checkpoints(tmp_path / "b", Hooked(), max_steps=3, ckpt_path=tmp_path / "a" / "epoch=1-step=2.ckpt")
     assert loaded == [42]
 
@@ -232,7 +223,7 @@ def test_resume_remap_with_lightning_namespace(tmp_path, nodecay_log):
     saving_trainer.fit(saving)
     saved = state_by_name(saving_trainer.optimizers[0], saving)
     resumed = lightning_pytorch_model(no_decay_param_names=("*",))  # the `decay` group goes away
-    probe = StateAtTrainStart()
+    probe = state_at_train_start(lightning.pytorch)
     trainer = lightning.pytorch.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[probe]))
     trainer.fit(resumed, ckpt_path=checkpoint.last_model_path)
     assert_same_state(probe.state, saved)

@@ -1,7 +1,12 @@
+"""The rules (``lightning_nodecay.rules``): default module types, the norm-name rule, and ``GroupRules`` validation."""
+
+import math
+
 import pytest
+from models import TanhNet, tanh_mlp
 from torch import nn
 
-from lightning_nodecay import DEFAULT_NO_DECAY_MODULE_TYPES, NamePatterns, clean_name, norm_by_class_name
+from lightning_nodecay import DEFAULT_NO_DECAY_MODULE_TYPES, GroupRules, decide, norm_by_class_name
 from lightning_nodecay.rules import check_module_rules
 
 
@@ -52,68 +57,6 @@ def test_default_module_types_cover_every_torch_norm():
 
 
 @pytest.mark.parametrize(
-    ("pattern", "name", "expected"),
-    [
-        ("bias", "bias", True),
-        ("bias", "encoder.0.bias", True),
-        ("bias", "encoder.bias_scale", False),
-        ("bias", "biased_proj.weight", False),
-        ("*_bias", "attn.in_proj_bias", True),
-        ("*_bias", "attn.q_bias", True),
-        ("*_bias", "attn.bias", False),
-        ("*_bias", "bias_scale", False),
-        ("encoder.*.pos_embed", "encoder.stage1.pos_embed", True),
-        ("encoder.*.pos_embed", "encoder.a.b.pos_embed", False),
-        ("encoder.*.pos_embed", "decoder.stage1.pos_embed", False),
-        ("encoder.**.pos_embed", "encoder.pos_embed", True),
-        ("encoder.**.pos_embed", "encoder.a.b.pos_embed", True),
-        ("*.cls_token", "model.cls_token", True),
-        ("*.cls_token", "cls_token", False),
-        ("**.cls_token", "cls_token", True),
-        ("**.cls_token", "a.b.cls_token", True),
-        ("blocks.**", "blocks.0.attn.weight", True),
-        ("blocks.**", "blocksy.weight", False),
-        ("blocks.[0-1].weight", "blocks.1.weight", True),
-        ("blocks.[0-1].weight", "blocks.2.weight", False),
-        ("blocks.[!0].weight", "blocks.2.weight", True),
-        ("a.b[!x]c", "a.b.c", False),
-        ("a.b[+-/]c", "a.b.c", False),
-        ("a.b[+-/]c", "a.b-c", True),
-        ("layer?.weight", "layer1.weight", True),
-        ("layer?.weight", "layer.weight", False),
-        ("a+b.weight", "a+b.weight", True),
-        ("a+b.weight", "aab.weight", False),
-    ],
-)
-def test_name_patterns_semantics(pattern, name, expected):
-    """Test the documented pattern semantics: leaf vs qualified, `*` one segment, `**` any."""
-    assert (NamePatterns((pattern,)).match(name) == pattern) is expected
-
-
-def test_name_patterns_returns_first_matching_pattern():
-    """Test that `match` reports which pattern fired, in declaration order."""
-    patterns = NamePatterns(("bias", "**.bias", "pos_embed"))
-    assert patterns.match("fc.bias") == "bias"
-    assert patterns.match("pos_embed") == "pos_embed"
-    assert patterns.match("fc.weight") is None
-
-
-@pytest.mark.parametrize(
-    ("name", "cleaned"),
-    [
-        ("layers._fsdp_wrapped_module.0.weight", "layers.0.weight"),
-        ("_checkpoint_wrapped_module.norm.bias", "norm.bias"),
-        ("backbone._orig_mod.conv.weight", "backbone.conv.weight"),
-        ("a._fsdp_wrapped_module._checkpoint_wrapped_module.b", "a.b"),
-        ("my_wrapped_module_x.weight", "my_wrapped_module_x.weight"),
-    ],
-)
-def test_clean_name_removes_wrapper_segments(name, cleaned):
-    """Test that only whole wrapper segments are removed."""
-    assert clean_name(name) == cleaned
-
-
-@pytest.mark.parametrize(
     ("rules", "message"),
     [
         (nn.LayerNorm, "Wrap a single type in a tuple"),
@@ -129,18 +72,26 @@ def test_check_module_rules_rejects_bad_entries(rules, message):
         check_module_rules(rules)
 
 
-@pytest.mark.parametrize(
-    ("patterns", "error", "message"),
-    [
-        ("bias", TypeError, r"Wrap a single pattern in a tuple: `\('bias',\)`"),
-        ((3,), TypeError, r"`no_decay_param_names\[0\]` is 3 of type `int`"),
-        ((nn.LayerNorm,), TypeError, "List module classes in `no_decay_module_types` instead"),
-        (("",), ValueError, "empty segment"),
-        (("encoder..pos",), ValueError, "empty segment"),
-        (None, TypeError, "must be a tuple or list of strings"),
-    ],
-)
-def test_name_patterns_reject_bad_patterns(patterns, error, message):
-    """Test that wrong patterns raise an error naming the culprit and the fix."""
-    with pytest.raises(error, match=message):
-        NamePatterns(patterns)
+@pytest.mark.parametrize("value", [-0.5, math.nan, math.inf, True, "2", None])
+def test_multipliers_refuse_bad_values(value):
+    """Test that a negative, NaN, infinite or non-number multiplier is refused, naming its key."""
+    with pytest.raises(ValueError, match=r"`weight_decay_multipliers\['head\.\*'\]` is .*finite float >= 0"):
+        GroupRules(weight_decay_multipliers={"head.*": value})
+
+
+def test_multipliers_refuse_non_mapping_and_unmatched_pattern():
+    """Test that a non-dict is refused and, with `strict`, a multiplier pattern that matches nothing."""
+    with pytest.raises(TypeError, match=r"`weight_decay_multipliers` must be a dict"):
+        GroupRules(weight_decay_multipliers=[("2.weight", 2.0)])
+    with pytest.raises(ValueError, match=r"`weight_decay_multipliers` pattern `2.weigth`.*Did you mean `2.weight`"):
+        decide(tanh_mlp(), GroupRules(weight_decay_multipliers={"2.weigth": 2.0}))
+    rules = GroupRules(weight_decay_multipliers={"x.*": 2.0}, strict=False)
+    assert all(d.multiplier in (0, 1) for d in decide(tanh_mlp(), rules))
+
+
+def test_l1_rules_refuse_bad_declarations():
+    """Test that a bare string and an unmatched L1 pattern are refused with the argument's name."""
+    with pytest.raises(TypeError, match=r"`weight_decay_l1` must be a tuple.*Wrap a single rule in a tuple"):
+        GroupRules(weight_decay_l1="w")
+    with pytest.raises(ValueError, match=r"`weight_decay_l1` pattern `ww` matches no parameter.*Did you mean `w`"):
+        decide(TanhNet(), GroupRules(weight_decay_l1=("ww",)))

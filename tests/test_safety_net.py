@@ -1,10 +1,10 @@
-"""Tests of ``lightning_nodecay.safety_net`` on plain optimizers; its fixes in real fits are in ``test_mixin.py``."""
+"""Tests of ``lightning_nodecay._safety_net`` on plain optimizers; its fixes in real fits are in ``test_mixin.py``."""
 
 import torch
 from torch import nn
 
-from lightning_nodecay import decide, split_excluded
-from lightning_nodecay.safety_net import misplaced_exclusions
+from lightning_nodecay import decide
+from lightning_nodecay._safety_net import misplaced_exclusions, split_excluded
 
 
 def test_split_excluded_names_unnamed_groups_like_lr_monitor():

@@ -1,16 +1,9 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import (
-    NoDecayLayerNormNet,
-    StateAtTrainStart,
-    assert_same_state,
-    fit_with_checkpoints,
-    group_names,
-    log_lines,
-    state_by_name,
-    trainer_kwargs,
-)
+from fits import fit_with_checkpoints, log_lines, state_at_train_start, trainer_kwargs
+from models import NoDecayLayerNormNet
+from oracles import assert_same_state, group_names, state_by_name
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
@@ -18,10 +11,10 @@ from lightning_nodecay import (
     DEFAULT_NO_DECAY_PARAM_NAMES,
     LayoutMismatchError,
     decide,
-    layout_of,
     param_groups,
     summarize,
 )
+from lightning_nodecay._layout import layout_of
 
 
 def freeze_weights(model):
@@ -144,7 +137,7 @@ def test_late_restore_strategy_remaps_in_on_load_checkpoint(tmp_path):
     saved = state_by_name(trainer.optimizers[0], saving)
     model = NoDecayLayerNormNet()
     model.no_decay_param_names = (*DEFAULT_NO_DECAY_PARAM_NAMES, "net.0.weight")
-    probe = StateAtTrainStart()
+    probe = state_at_train_start()
     strategy = LateRestoreStrategy(device=torch.device("cpu"))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, strategy=strategy, callbacks=[probe]))
     trainer.fit(model, ckpt_path=tmp_path / "epoch=1-step=2.ckpt")

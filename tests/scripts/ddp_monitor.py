@@ -15,9 +15,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared models and fits
 
-from helpers import NoDecayBoringModel, trainer_kwargs
+from fits import trainer_kwargs
+from models import NoDecayBoringModel
 
 from lightning_nodecay import WeightNormMonitor
 
@@ -48,4 +49,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # as in the test session (tests/conftest.py)
     main(Path(sys.argv[1]))

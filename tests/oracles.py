@@ -1,0 +1,100 @@
+"""Reference computations and comparisons shared by the tests: the pure-PyTorch training loop the oracle tests
+drive, their optimizers, and exact comparisons of optimizer state, groups and weights."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+#: The optimizers of the pure-PyTorch oracle tests (weight decay given by each test).
+OPTIMIZERS = {
+    "SGD-momentum": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    "Adam": functools.partial(torch.optim.Adam, lr=0.01),
+    "AdamW": functools.partial(torch.optim.AdamW, lr=0.01),
+    "RMSprop": functools.partial(torch.optim.RMSprop, lr=0.01),
+}
+
+
+def train(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int = 20,
+    scheduler: Any = None,
+    closure: bool = False,
+) -> list[float]:
+    """``steps`` steps of a ``(6 -> 3)`` float64 ``net`` on fixed random batches; returns the losses."""
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+        y = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+
+        def compute_loss(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (net(x) - y).pow(2).mean()
+            loss.backward()
+            return loss.detach()
+
+        losses.append(float(optimizer.step(compute_loss) if closure else (compute_loss(), optimizer.step())[0]))
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+def random_steps(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 3, seed: int = 1) -> None:
+    """A few optimizer steps with random gradients, so every state tensor is distinct."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+def assert_close(actual: Any, expected: Any) -> None:
+    """Equal up to float64 rounding of the same computation done another way."""
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def assert_all_close(actual: nn.Module, expected: nn.Module) -> None:
+    """:func:`assert_close` for every parameter of two models of the same architecture."""
+    for a, e in zip(actual.parameters(), expected.parameters(), strict=True):
+        assert_close(a, e)
+
+
+def group_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[Any, list[str]]:
+    """``{group name: [parameter names]}`` of ``optimizer``, names from ``model.named_parameters()``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g.get("name"): [names[id(p)] for p in g["params"]] for g in optimizer.param_groups}
+
+
+def state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """A copy of the optimizer's per-parameter state, keyed by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        for p, state in optimizer.state.items()
+    }
+
+
+def assert_same_state(got: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]) -> None:
+    """Assert that two :func:`state_by_name` results hold the same parameters, keys and values, exactly."""
+    assert got.keys() == expected.keys()
+    for name, state in expected.items():
+        assert got[name].keys() == state.keys(), name
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(got[name][key]), torch.as_tensor(value)), (name, key)
+
+
+def assert_same_training(
+    trainer: pl.Trainer, model: nn.Module, expected_trainer: pl.Trainer, expected: nn.Module
+) -> None:
+    """Assert that ``model`` ends with exactly the optimizer state and weights of ``expected``."""
+    assert_same_state(
+        state_by_name(trainer.optimizers[0], model), state_by_name(expected_trainer.optimizers[0], expected)
+    )
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p, q), name
