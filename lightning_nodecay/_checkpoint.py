@@ -15,9 +15,21 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
+from lightning_nodecay._invariant import effective_decay
 from lightning_nodecay._layout import Layout, LayoutDiff, LayoutMismatchError, compare_layouts, layout_of
-from lightning_nodecay._remap import WEIGHTS_ONLY, remap_optimizer_state, remap_scheduler_state, source_groups
-from lightning_nodecay._schema import LAYOUTS, LR_SCHEDULERS, OPTIMIZER_STATES, PARAMS
+from lightning_nodecay._naming import group_name
+from lightning_nodecay._remap import (
+    WEIGHTS_ONLY,
+    remap_optimizer_state,
+    remap_scheduler_state,
+    source_groups,
+    with_current_decisions,
+)
+from lightning_nodecay._schema import LAYOUTS, LR_SCHEDULERS, MASKS_STATE, OPTIMIZER_STATES, PARAMS
+from lightning_nodecay.hook import WeightDecayHook
+
+#: The key of an optimizer ``state_dict`` (torch's own) that holds the param groups.
+_PARAM_GROUPS = "param_groups"
 
 #: What to do when resuming with param groups that differ from the checkpoint's.
 LayoutPolicy = Literal["remap", "error"]
@@ -76,13 +88,20 @@ def resume_layouts(
         )
     if LAYOUTS not in checkpoint:
         _check_unlabelled(states, optimizers, currents)
-        return []
+        return _restore_decisions(states, optimizers)
     saved = [Layout.from_state(s) for s in checkpoint[LAYOUTS]]
     diffs = [compare_layouts(s, c) for s, c in zip(saved, currents, strict=True)]
-    if not any(diffs):
-        return []
-    if on_layout_change == "error" or not restorable:
+    if any(diffs) and (on_layout_change == "error" or not restorable):
         raise LayoutMismatchError(_mismatch_message(diffs, restorable))
+    messages = _remap_changed(checkpoint, optimizers, diffs, schedulers)
+    return messages + _restore_decisions(states, optimizers)
+
+
+def _remap_changed(
+    checkpoint: dict[str, Any], optimizers: Sequence[Any], diffs: Sequence[LayoutDiff], schedulers: Sequence[Any]
+) -> list[str]:
+    """Remap, by parameter name, the saved state of every optimizer whose layout changed."""
+    states = checkpoint[OPTIMIZER_STATES]
     messages = []
     for i, (optimizer, diff) in enumerate(zip(optimizers, diffs, strict=True)):
         if not diff:
@@ -93,6 +112,33 @@ def resume_layouts(
         where = f"optimizer {i} " if len(optimizers) > 1 else ""
         lines = "\n  ".join(diff.lines() + _continuations(diff, sources))
         messages.append(f"{where}param groups changed since the checkpoint; optimizer state moved by name:\n  {lines}")
+    return messages
+
+
+def _restore_decisions(states: list[dict[str, Any]], optimizers: Sequence[Any]) -> list[str]:
+    """Give every saved group the decision keys of its current group (same positions by now), saying what changed.
+
+    The current rules and optimizer decide weight decay: a checkpoint of a run with masks, L1 or another
+    ``weight_decay`` must not bring back its own decay (see ``_remap.with_current_decisions``).
+    """
+    messages = []
+    for state, optimizer in zip(states, optimizers, strict=True):
+        label = type(optimizer).__name__
+        saved_groups = state[_PARAM_GROUPS]
+        for index, (saved, current) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
+            before, after = effective_decay(saved), effective_decay(current)
+            if before != after:
+                name = group_name(current, index)
+                messages.append(
+                    f"{label} group `{name}`: weight decay {before:g} in the checkpoint, {after:g} from the current"
+                    " rules and optimizer, which decide it"
+                )
+            saved_groups[index] = with_current_decisions(saved, current)
+        if state.get(MASKS_STATE) and WeightDecayHook.of(optimizer) is None:
+            state.pop(MASKS_STATE)
+            messages.append(
+                f"{label}: the checkpoint's weight-decay masks are not used: the current rules declare none"
+            )
     return messages
 
 
@@ -134,7 +180,7 @@ def _mismatch_message(diffs: Sequence[LayoutDiff], restorable: bool) -> str:
 
 def _check_unlabelled(states: Sequence[Mapping[str, Any]], optimizers: Sequence[Any], currents: list[Layout]) -> None:
     for state, optimizer, current in zip(states, optimizers, currents, strict=True):
-        saved_sizes = [len(g[PARAMS]) for g in state["param_groups"]]
+        saved_sizes = [len(g[PARAMS]) for g in state[_PARAM_GROUPS]]
         sizes = [len(g.params) for g in current.groups]
         if saved_sizes != sizes:
             now = ", ".join(f"`{g.name}` ({len(g.params)})" for g in current.groups)

@@ -125,7 +125,7 @@ class HookNames:
         if self.module is None:
             raise TypeError(
                 f"The weight-decay mask `{key}` is keyed by name: pass the model as"
-                " `apply_weight_decay_masks(..., module=model)` so names can be resolved."
+                " `attach_weight_decay_hook(..., module=model)` so names can be resolved."
             )
         param = self.by_name.get(clean_name(key))
         if param is None:

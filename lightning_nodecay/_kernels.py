@@ -56,4 +56,6 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     ("coupled", "l1"): _coupled_l1,
     ("decoupled", "l2"): _decoupled_l2,
     ("decoupled", "l1"): _decoupled_l1,
+    ("independent", "l2"): _decoupled_l2,  # the decoupled step, with ``lr / lr0 * wd`` as its value
+    ("independent", "l1"): _decoupled_l1,
 }

@@ -74,7 +74,7 @@ class Layout:
 def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     """The layout of param ``groups`` (``optimizer.param_groups``) over the parameters of ``module``.
 
-    Groups without a ``"name"`` are called ``pg1``, ``pg2``, ... by position (see :func:`group_label`). A
+    Groups without a ``"name"`` are called ``pg1``, ``pg2``, ... by position (see ``_naming.group_name``). A
     parameter that is not part of ``module`` is called ``?<group>[<index>]``.
 
     Raises:

@@ -51,9 +51,9 @@ def remap_optimizer_state(
     The per-parameter state (``exp_avg``, ``step``, momentum buffers, ...) follows each parameter by
     name; parameters without saved state start fresh. Each group's hyperparameters (``lr``,
     ``betas``, ...) come from its source group (see :func:`source_groups`), keeping what an LR
-    schedule did to them; a group with a new name keeps its own ``weight_decay`` and
-    ``weight_decay_multiplier`` (the current code decides decay). Groups without a source keep
-    their current hyperparameters.
+    schedule did to them; every group keeps its own decision keys (``weight_decay``, its multiplier,
+    the hook's decay, the penalty: the current code decides decay, see :func:`with_current_decisions`).
+    Groups without a source keep their current hyperparameters.
 
     Args:
         state_dict: ``optimizer.state_dict()`` of the saving run.
@@ -91,13 +91,12 @@ def remap_optimizer_state(
         for name, pid in zip(g.params, sg[PARAMS], strict=True)
     }
     sources = source_groups(saved, current)
-    saved_names = {g.name for g in saved.groups}
     state: dict[int, Any] = {}
     groups = []
     index = 0
     for layout, group, source in zip(current.groups, current_groups, sources, strict=True):
         source_group = saved_groups[source] if source is not None else None
-        hyper = _hyperparameters(group, source_group, renamed=layout.name not in saved_names)
+        hyper = _hyperparameters(group, source_group)
         ids = []
         for name in layout.params:
             pid = saved_ids.get(name)
@@ -117,11 +116,24 @@ def _check_matches_state(saved: Layout, saved_groups: Sequence[Mapping[str, Any]
         )
 
 
-def _hyperparameters(current: Mapping[str, Any], source: Mapping[str, Any] | None, renamed: bool) -> dict[str, Any]:
-    """Hyperparameters of a remapped group: its source's, except decay keys of a renamed group and its name."""
-    hyper = dict(current if source is None else source)
-    if source is not None and renamed:
-        hyper.update({k: current[k] for k in DECISION_KEYS if k in current})
+def with_current_decisions(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved param group with the decision keys of the current one: the current rules decide weight decay.
+
+    The optimizer's trajectory (``lr``, ``betas``, ...) stays as saved; ``weight_decay``, its multiplier, the hook's
+    decay, the penalty and the mask share become those of ``current``, and decision keys it lacks are dropped.
+
+    Example:
+        >>> saved = {"lr": 0.5, "weight_decay": 0.0, "hook_weight_decay": 0.2}
+        >>> with_current_decisions(saved, {"lr": 1.0, "weight_decay": 0.1})
+        {'lr': 0.5, 'weight_decay': 0.1}
+    """
+    kept = {key: value for key, value in saved.items() if key not in DECISION_KEYS}
+    return {**kept, **{key: current[key] for key in DECISION_KEYS if key in current}}
+
+
+def _hyperparameters(current: Mapping[str, Any], source: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Hyperparameters of a remapped group: its source's, except the decision keys and the name (the current's)."""
+    hyper = with_current_decisions(current if source is None else source, current)
     for key in (PARAMS, "param_names", NAME):
         hyper.pop(key, None)
     for key in (NAME, "param_names"):

@@ -1,98 +1,179 @@
-"""Make exclusions hold however the optimizer was built. Pure PyTorch.
+"""Make the decisions hold however the optimizer was built. Pure PyTorch.
 
-If an optimizer holds an excluded parameter in a group with non-zero weight decay (LightningCLI's
-``--optimizer`` replaced ``configure_optimizers``; a user wrote ``AdamW(self.parameters())``), the
-group is split in place, before any step: the excluded parameters move to a new group that copies
-every hyperparameter of the old one but has ``weight_decay=0.0``. LR schedulers attached to the
-optimizer learn about the new group, so it keeps following the schedule.
+If an optimizer holds a parameter in a decayed group whose decay differs from the parameter's decision
+(LightningCLI's ``--optimizer`` replaced ``configure_optimizers``; a user wrote ``AdamW(self.parameters())``),
+the group is split in place, before any step: each such parameter moves to a new group that copies every
+hyperparameter of the old one, with ``weight_decay`` = its multiplier x the old group's base decay (0 for
+excluded parameters) and the ``weight_decay_penalty`` of an L1 decision. LR schedulers attached to the
+optimizer learn about each new group, so it keeps following the schedule.
+
+An optimizer that keeps one entry per group from its construction (``zip(self.param_groups, self.base_lrs)``)
+cannot take new groups safely: it would never step them, or crash. Such an optimizer is refused with the fix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_nodecay._naming import group_name, listed
 from lightning_nodecay._remap import per_group_lists
-from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY
-from lightning_nodecay.groups import DECAY, NO_DECAY, DecayDecision
+from lightning_nodecay._schema import NAME, PARAMS, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._semantics import exclude_own_decay
+from lightning_nodecay.groups import DecayDecision, decided_group_name, group_order
+
+#: A decision without its parameter: ``(multiplier, penalty)``.
+_Kind = tuple[float, Penalty]
 
 
-def split_excluded(
+def split_by_decisions(
     optimizer: Optimizer, decisions: Iterable[DecayDecision], schedulers: Iterable[Any] = ()
 ) -> list[str]:
-    """Move excluded parameters out of decayed groups of ``optimizer``, in place.
+    """Give every parameter of ``optimizer``'s decayed groups the decay its decision says, splitting groups in place.
 
-    Must run before the first step and before optimizer state is loaded. The new group of a group named
-    ``g`` is ``g_no_decay``; unnamed groups are named ``pg1``, ``pg2``, ... by position first (see
-    :func:`~lightning_nodecay.layout.group_label`), except a single unnamed group, which becomes ``decay``
-    and gives ``no_decay``.
+    Must run before the first step and before optimizer state is loaded. A decayed group stands for one
+    decision: its ``weight_decay_multiplier`` when the library built it; else the one multiplier its decayed
+    parameters share (a hand-built ``decay_x2`` group stays as it is); else the multiplier that gives its
+    ``weight_decay`` from the optimizer's default; else 1 (its ``weight_decay`` is the base). Its base is
+    ``weight_decay / multiplier``. A group named ``g`` gives ``g_no_decay``, ``g_decay_x2``, ``g_decay_l1``,
+    ...; unnamed groups are named ``pg1``, ``pg2``, ... by position first, except a single unnamed group, which
+    becomes ``decay`` and gives ``no_decay``, ``decay_x2``, ...
 
     Args:
         optimizer: the optimizer to fix.
-        decisions: the decisions of :func:`~lightning_nodecay.groups.decide` for the model.
-        schedulers: LR schedulers of ``optimizer``; their per-group lists get an entry for each new
-            group.
+        decisions: the decisions of :func:`~lightning_nodecay.decide` for the model.
+        schedulers: LR schedulers of ``optimizer``; their per-group lists get an entry for each new group.
 
     Returns:
-        One message per group that was split (empty when nothing had to change).
+        One message per group that changed (empty when nothing had to change).
+
+    Raises:
+        ValueError: the optimizer keeps per-group lists from its construction, so a new group is unsafe.
 
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from lightning_nodecay.groups import decide
+        >>> from lightning_nodecay import decide
         >>> net = nn.Linear(2, 2)
         >>> optimizer = torch.optim.AdamW(net.parameters(), weight_decay=0.1)
-        >>> split_excluded(optimizer, decide(net))
+        >>> split_by_decisions(optimizer, decide(net))
         ['AdamW group `pg1`: moved 1 excluded tensor (bias) to new group `no_decay` with weight_decay=0.0']
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups]
         [('decay', 0.1), ('no_decay', 0.0)]
     """
-    excluded = _excluded(decisions)
+    by_param = {id(d.param): d for d in decisions}
+    default = optimizer.defaults.get(WEIGHT_DECAY)
     messages = []
     for index, group in enumerate(list(optimizer.param_groups)):
         if not group.get(WEIGHT_DECAY):
             continue
-        moving = [p for p in group[PARAMS] if id(p) in excluded]
-        if not moving:
-            continue
-        names = listed([excluded[id(p)] for p in moving])
-        plural = "s" * (len(moving) > 1)
-        label = group_name(group, index)
-        what = f"{type(optimizer).__name__} group `{label}`: moved {len(moving)} excluded tensor{plural} ({names})"
-        if len(moving) == len(group[PARAMS]):
-            group[WEIGHT_DECAY] = 0.0
-            messages.append(f"{what}: the whole group, set its weight_decay=0.0")
-            continue
-        base = group_name(group, index) if NAME in group or len(optimizer.param_groups) > 1 else ""
-        group[NAME] = base or DECAY
-        group[PARAMS] = [p for p in group[PARAMS] if id(p) not in excluded]
-        new_group = {**group, PARAMS: moving, WEIGHT_DECAY: 0.0, NAME: f"{base}_{NO_DECAY}" if base else NO_DECAY}
-        optimizer.add_param_group(new_group)
-        _extend_schedulers(optimizer, schedulers, index)
-        messages.append(f"{what} to new group `{new_group[NAME]}` with weight_decay=0.0")
+        decided = [(p, (d.multiplier, d.penalty)) for p in group[PARAMS] if (d := by_param.get(id(p))) is not None]
+        own = _own_kind(group, {kind for _, kind in decided}, default)
+        moving: dict[_Kind, list[nn.Parameter]] = {}
+        for param, kind in decided:
+            if kind != own:
+                moving.setdefault(kind, []).append(param)
+        if moving:
+            ordered = dict(sorted(moving.items(), key=lambda item: group_order(item[0])))
+            messages += _split(optimizer, index, own, ordered, by_param, schedulers)
+    exclude_own_decay(optimizer)
     return messages
 
 
-def misplaced_exclusions(groups: Sequence[Mapping[str, Any]], decisions: Iterable[DecayDecision]) -> list[str]:
-    """Names of excluded parameters (multiplier 0) that sit in a group with non-zero ``weight_decay``.
+def _own_kind(group: dict[str, Any], kinds: set[_Kind], default: float | None) -> _Kind:
+    """The decision a decayed group stands for: its ``weight_decay_multiplier``; else the one multiplier its decayed
+    parameters share; else the multiplier that gives its ``weight_decay`` from the optimizer's default; else 1."""
+    penalty: Penalty = group.get(PENALTY, "l2")
+    if WEIGHT_DECAY_MULTIPLIER in group:
+        return group[WEIGHT_DECAY_MULTIPLIER], penalty
+    decayed = {multiplier for multiplier, _ in kinds if multiplier}
+    if len(decayed) == 1:
+        return decayed.pop(), penalty
+    for multiplier in sorted(decayed):
+        if default and math.isclose(multiplier * default, group[WEIGHT_DECAY]):
+            return multiplier, penalty
+    return 1.0, penalty
 
-    Example:
-        >>> from torch import nn
-        >>> from lightning_nodecay.groups import decide
-        >>> net = nn.Linear(2, 2)
-        >>> misplaced_exclusions([{"params": list(net.parameters()), "weight_decay": 0.1}], decide(net))
-        ['bias']
-    """
-    excluded = _excluded(decisions)
-    return [excluded[id(p)] for g in groups if g.get(WEIGHT_DECAY) for p in g[PARAMS] if id(p) in excluded]
+
+def _split(
+    optimizer: Optimizer,
+    index: int,
+    own: _Kind,
+    moving: dict[_Kind, list[nn.Parameter]],
+    by_param: dict[int, DecayDecision],
+    schedulers: Iterable[Any],
+) -> list[str]:
+    """Move the ``moving`` parameters of group ``index`` to a group per kind; the last kind may keep the group."""
+    group = optimizer.param_groups[index]
+    base = group[WEIGHT_DECAY] / own[0] if own[0] else group[WEIGHT_DECAY]
+    label = group_name(group, index)
+    prefix = label if NAME in group or len(optimizer.param_groups) > 1 else ""
+    what = f"{type(optimizer).__name__} group `{label}`"
+    moved = {id(p) for params in moving.values() for p in params}
+    kept = [p for p in group[PARAMS] if id(p) not in moved]
+    if kept or len(moving) > 1:
+        _refuse_per_group_caches(optimizer)
+    messages = []
+    if kept:
+        group[PARAMS], group[NAME] = kept, prefix or _named("", own)
+    else:  # the whole group is of other kinds: the last kind keeps it, under its name
+        kind, params = moving.popitem()
+        _set_kind(group, kind, base)
+        messages.append(f"{what}: {_moved(params, kind, by_param)}: the whole group, set its {_describe(group)}")
+    for kind, params in moving.items():
+        new_group = {**group, PARAMS: params, NAME: _named(prefix, kind)}
+        _set_kind(new_group, kind, base)
+        optimizer.add_param_group(new_group)
+        _extend_schedulers(optimizer, schedulers, index)
+        messages.append(
+            f"{what}: {_moved(params, kind, by_param)} to new group `{new_group[NAME]}` with {_describe(new_group)}"
+        )
+    return messages
 
 
-def _excluded(decisions: Iterable[DecayDecision]) -> dict[int, str]:
-    """``{id(parameter): name}`` of the parameters excluded from weight decay."""
-    return {id(d.param): d.name for d in decisions if d.multiplier == 0}
+def _set_kind(group: dict[str, Any], kind: _Kind, base: float) -> None:
+    multiplier, penalty = kind
+    group.update({WEIGHT_DECAY: multiplier * base, WEIGHT_DECAY_MULTIPLIER: multiplier})
+    group.pop(PENALTY, None)
+    if penalty != "l2" and multiplier:
+        group[PENALTY] = penalty
+
+
+def _named(prefix: str, kind: _Kind) -> str:
+    name = decided_group_name(*kind)
+    return f"{prefix}_{name}" if prefix else name
+
+
+def _describe(group: dict[str, Any]) -> str:
+    penalty = f", {PENALTY}={group[PENALTY]!r}" if PENALTY in group else ""
+    return f"weight_decay={float(group[WEIGHT_DECAY])}{penalty}"
+
+
+def _moved(params: Sequence[nn.Parameter], kind: _Kind, by_param: dict[int, DecayDecision]) -> str:
+    what = "excluded tensor" if kind[0] == 0 else "tensor"
+    return f"moved {len(params)} {what}{'s' * (len(params) > 1)} ({listed([by_param[id(p)].name for p in params])})"
+
+
+def _refuse_per_group_caches(optimizer: Optimizer) -> None:
+    """Refuse an optimizer that keeps lists with one entry per param group from its construction."""
+    count = len(optimizer.param_groups)
+    cached = sorted(
+        name
+        for name, value in vars(optimizer).items()
+        if name != "param_groups" and isinstance(value, (list, tuple)) and len(value) == count
+    )
+    if cached:
+        label = type(optimizer).__name__
+        raise ValueError(
+            f"`{label}` keeps one entry per param group from its construction ({listed(cached, quoted=True)}), so it"
+            " cannot take the new groups the weight-decay rules need: it would never step them, or fail. Build it"
+            " on the right groups instead: let `NoDecayMixin.configure_optimizers` build it (set `self.optimizer`"
+            f" to `functools.partial({label}, ...)`), or pass `lightning_nodecay.param_groups(model)` to it."
+        )
 
 
 def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:

@@ -17,10 +17,12 @@ from typing import Any, Union
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_nodecay._invariant import current_base
 from lightning_nodecay._lightning import BackboneFinetuning, BaseFinetuning
 from lightning_nodecay._log import log
 from lightning_nodecay._naming import clean_name, group_name
 from lightning_nodecay._schema import LR, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay._semantics import accepts_weight_decay, exclude_own_decay
 from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions
 from lightning_nodecay.mixin import NoDecayMixin
 from lightning_nodecay.rules import GroupRules
@@ -80,7 +82,8 @@ def unfreeze_and_add_param_groups(
          ('backbone_decay', 0.05, 0.0001), ('backbone_no_decay', 0.0, 0.0001)]
     """
     _check_modules(modules)
-    if WEIGHT_DECAY not in optimizer.defaults:
+    base = current_base(optimizer)
+    if base is None or not accepts_weight_decay(optimizer):
         raise ValueError(
             f"`{type(optimizer).__name__}` has no `weight_decay` option, so unfrozen parameters cannot be split into"
             " decay and no-decay groups. Use an optimizer with weight decay (e.g. `torch.optim.AdamW`), or Lightning's"
@@ -94,8 +97,9 @@ def unfreeze_and_add_param_groups(
     base_lr = optimizer.param_groups[0][LR] / initial_denom_lr if lr is None else float(lr)
     for group, new_name in zip(groups, names, strict=True):
         group[NAME], group[LR] = new_name, base_lr
-        group[WEIGHT_DECAY] = group[WEIGHT_DECAY_MULTIPLIER] * optimizer.defaults[WEIGHT_DECAY]
+        group[WEIGHT_DECAY] = group[WEIGHT_DECAY_MULTIPLIER] * base
         optimizer.add_param_group(group)
+    exclude_own_decay(optimizer)
     if groups:
         shown = ", ".join(f"`{g[NAME]}` ({len(g[PARAMS])}, weight_decay={g[WEIGHT_DECAY]:g})" for g in groups)
         log.info(f"Unfroze {len(new)} parameter tensors into new groups {shown}.")

@@ -277,7 +277,7 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
     by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
     for decision in decisions:
         by_kind.setdefault((decision.multiplier, decision.penalty), []).append(decision.param)
-    order = sorted(by_kind, key=lambda kind: (kind[1] == "l1", kind[0] != 1, kind[0] != 0, kind[0]))
+    order = sorted(by_kind, key=group_order)
     groups = []
     for multiplier, penalty in order:
         group: dict[str, Any] = {
@@ -291,6 +291,12 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
             group[PENALTY] = penalty
         groups.append(group)
     return groups
+
+
+def group_order(kind: tuple[float, Penalty]) -> tuple[bool, bool, bool, float]:
+    """The sort key of a group of ``(multiplier, penalty)``: ``decay``, ``no_decay``, multipliers up, L1 groups last."""
+    multiplier, penalty = kind
+    return penalty == "l1", multiplier != 1, multiplier != 0, multiplier
 
 
 def resolve_multipliers(groups: Iterable[dict[str, Any]], weight_decay: float) -> None:

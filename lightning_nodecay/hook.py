@@ -42,7 +42,14 @@ from lightning_nodecay._hook_checks import HookNames, Masks, check_mask, check_p
 from lightning_nodecay._kernels import KERNELS
 from lightning_nodecay._log import log
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, LR, MASK_SHARE, MASKS_STATE, PARAMS, WEIGHT_DECAY, Penalty
-from lightning_nodecay._semantics import DecayStyle, group_penalty, group_style
+from lightning_nodecay._semantics import (
+    DecayStyle,
+    group_penalty,
+    group_style,
+    nested_step,
+    step_value,
+    unwrap_optimizer,
+)
 from lightning_nodecay.groups import DecayDecision
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, WeightDecayHook] = weakref.WeakKeyDictionary()
@@ -84,7 +91,8 @@ def attach_weight_decay_hook(
         ValueError: naming the parameter: a mask that does not broadcast, is negative, NaN or
             inf; an unknown or frozen name; a parameter not in the optimizer, in a group without
             decay or excluded by a rule; an unknown optimizer without ``decay_style``; a fused
-            group; an optimizer that already has masks.
+            group; an optimizer that already has a hook; a gradient that is part of an autograd graph
+            (``create_graph=True``) reaching a hooked group at a step (``RuntimeError``).
 
     Example:
         >>> import torch
@@ -102,6 +110,7 @@ def attach_weight_decay_hook(
         >>> {k: v for k, v in optimizer.param_groups[0].items() if "decay" in k}
         {'weight_decay': 0.0, 'hook_weight_decay': 0.5, 'weight_decay_mask_share': 1.0}
     """
+    optimizer = unwrap_optimizer(optimizer)
     if optimizer in _ATTACHED:
         raise ValueError(
             f"`{type(optimizer).__name__}` already has a weight-decay hook; call `.remove()` on the"
@@ -138,6 +147,8 @@ class WeightDecayHook:
         self.names = {param: names.of(param) for param, _ in self._masked()}
         for hooked in groups:
             hooked.convert(optimizer.param_groups[hooked.index])
+        #: how many ``optimizer.step()`` calls the hook ran for (nested ``super().step()`` calls count once)
+        self.steps = 0
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_state_dict_post_hook(self._save),
@@ -160,7 +171,18 @@ class WeightDecayHook:
             >>> WeightDecayHook.of(optimizer) is hook
             True
         """
-        return _ATTACHED.get(optimizer)
+        return _ATTACHED.get(unwrap_optimizer(optimizer))
+
+    @property
+    def hooked_groups(self) -> list[int]:
+        """Positions of the param groups whose weight decay the hook applies (masked and L1 groups)."""
+        return [hooked.index for hooked in self._groups]
+
+    def holds(self, index: int, params: Iterable[Tensor]) -> bool:
+        """Tell whether group ``index`` holds exactly the parameters the hook decays for it."""
+        hooked = next((h for h in self._groups if h.index == index), None)
+        mine = {id(p) for batch in hooked.batches for p in batch.params} if hooked is not None else set()
+        return mine == {id(p) for p in params}
 
     @property
     def masks(self) -> dict[Tensor, Tensor]:
@@ -191,6 +213,9 @@ class WeightDecayHook:
                     yield from zip(batch.params, batch.masks, strict=True)
 
     def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if nested_step(optimizer):  # a subclass's `super().step()`: the outer call decays, once
+            return None
+        self.steps += 1
         closure = kwargs.get("closure")
         positional = closure is None and len(args) > 1 and callable(args[1])
         if positional:
@@ -224,10 +249,7 @@ class WeightDecayHook:
             weight_decay = group[HOOK_WEIGHT_DECAY]
             if not weight_decay:
                 continue
-            if hooked.style == "coupled":
-                value = -weight_decay if group.get("maximize") else weight_decay
-            else:
-                value = float(group[LR]) * weight_decay
+            value = step_value(optimizer, group, hooked.style, weight_decay, hooked.reference_lr)
             for batch in hooked.batches:
                 params, grads, masks = batch.with_grads()
                 if params:
@@ -271,10 +293,13 @@ class _Batch:
         """Parameters that have a gradient, their gradients and masks (on their device and dtype)."""
         params, grads, masks = [], [], []
         for i, param in enumerate(self.params):
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
+            if grad.requires_grad:
+                _refuse_graph_gradient(param)
             params.append(param)
-            grads.append(param.grad)
+            grads.append(grad)
             if self.masks is not None:
                 mask = self.masks[i]
                 if mask.device != param.device or mask.dtype != param.dtype:
@@ -308,6 +333,8 @@ class _HookedGroup:
     penalty: Penalty
     batches: list[_Batch]
     mask_share: float
+    #: the lr the independent style divides by when the optimizer keeps none (the group's lr when hooked)
+    reference_lr: float
 
     def convert(self, group: dict[str, Any]) -> None:
         """Move ``weight_decay`` to the hook's key (idempotent) and record the mask share."""
@@ -338,8 +365,18 @@ def _plan(
         batches = [_Batch([p for p, _ in masked], [m for _, m in masked])] if masked else []
         batches += [_Batch(plain, None)] if plain else []
         share = sum(p.numel() for p, _ in masked) / max(1, sum(p.numel() for p in group[PARAMS]))
-        hooked.append(_HookedGroup(index, style, penalty, batches, share))
+        hooked.append(_HookedGroup(index, style, penalty, batches, share, float(group[LR])))
     return hooked
+
+
+def _refuse_graph_gradient(param: Tensor) -> None:
+    raise RuntimeError(
+        f"A parameter of shape {tuple(param.shape)} in a masked or L1 group has a gradient that is part of an autograd"
+        " graph (`backward(create_graph=True)`, as second-order optimizers such as AdaHessian or Sophia use). The"
+        " weight-decay hook changes parameters or gradients in place, inside that graph, before the optimizer"
+        " differentiates through it. Masks and L1 are not supported with such optimizers: remove the masks and"
+        " `weight_decay_l1` rules for them, and keep exclusions and multipliers (plain param groups)."
+    )
 
 
 def _positions(optimizer: Optimizer) -> dict[int, int]:

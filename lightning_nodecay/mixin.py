@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from lightning_nodecay._checkpoint import LayoutPolicy
 from lightning_nodecay._lifecycle import FitLifecycle, _as_module, attach_declared_hook
 from lightning_nodecay._naming import group_name, listed, param_names
-from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY
-from lightning_nodecay._semantics import DecayStyle
+from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay._semantics import DecayStyle, accepts_weight_decay, base_weight_decay, exclude_own_decay
 from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions, resolve_multipliers
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,
@@ -37,14 +37,15 @@ OptimizerCallable = Callable[[Iterable], Optimizer]
 #: What LightningCLI injects for an ``lr_scheduler: LRSchedulerCallable`` argument.
 LRSchedulerCallable = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]  # noqa: UP007 (runtime alias)
 
-#: The class attributes that declare rules, with their defaults: the simple way to declare them.
-_RULE_ATTRIBUTES: dict[str, Any] = {
-    "no_decay_module_types": DEFAULT_NO_DECAY_MODULE_TYPES,
-    "no_decay_param_names": DEFAULT_NO_DECAY_PARAM_NAMES,
-    "weight_decay_multipliers": {},
-    "weight_decay_l1": (),
-    "strict": True,
-}
+#: The class attributes that declare rules: the simple way to declare them (defaults: those of `GroupRules`).
+_RULE_ATTRIBUTES = (
+    "no_decay_module_types",
+    "no_decay_param_names",
+    "weight_decay_multipliers",
+    "weight_decay_l1",
+    "strict",
+)
+_DEFAULT_RULES = GroupRules()
 
 
 class NoDecayMixin:
@@ -62,8 +63,9 @@ class NoDecayMixin:
     During a fit, a callback the mixin returns from ``configure_callbacks()`` (merged by Lightning with the
     Trainer's) keeps the decisions true: at fit start a safety net moves excluded parameters out of any
     decayed group, whoever built the optimizer, the masks and L1 groups get their step hook, and a summary
-    of the groups is logged on rank zero; every epoch it refuses excluded parameters put back into a
-    decayed group. Overriding ``on_fit_start`` and the other hooks without ``super()`` changes none of this.
+    of the groups is logged on rank zero; before every optimizer step it checks the weight-decay invariant
+    (every parameter's effective decay is base x its multiplier, excluded ones exactly 0) and raises before a
+    wrong step. Overriding ``on_fit_start`` and the other hooks without ``super()`` changes none of this.
 
     Checkpoints record the param-group layout of every optimizer (group names and parameter names).
     On resume the layout is compared with the optimizer's, after the safety net; if it changed, the
@@ -83,6 +85,8 @@ class NoDecayMixin:
         strict: raise when a declared name pattern matches no parameter.
         decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
             decay; needed for masks and L1 with optimizers outside ``torch.optim``.
+        check_weight_decay: check before every optimizer step that every parameter gets the weight decay the
+            rules declare (see ``docs/architecture.md``); ``False`` if you deliberately manage decay yourself.
         log_weight_decay_summary: log the group summary at fit start.
         optimizer: callable ``(param_groups) -> Optimizer``.
         lr_scheduler: optional callable ``(optimizer) -> LRScheduler``.
@@ -114,6 +118,7 @@ class NoDecayMixin:
     weight_decay_l1: Sequence[RuleKey] = ()
     strict: bool = True
     decay_style: DecayStyle | None = None
+    check_weight_decay: bool = True
     log_weight_decay_summary: bool = True
     optimizer: OptimizerCallable | None = None
     lr_scheduler: LRSchedulerCallable | None = None
@@ -134,13 +139,13 @@ class NoDecayMixin:
             ValueError: ``group_rules`` is set and a rule attribute was changed too.
         """
         rules = self.group_rules
-        declared = {name: getattr(self, name) for name in _RULE_ATTRIBUTES}
-        changed = {name: value for name, value in declared.items() if value != _RULE_ATTRIBUTES[name]}
+        declared = GroupRules(**{name: getattr(self, name) for name in _RULE_ATTRIBUTES})
+        changed = [name for name in _RULE_ATTRIBUTES if getattr(declared, name) != getattr(_DEFAULT_RULES, name)]
         if rules is None:
-            return GroupRules(**{**_RULE_ATTRIBUTES, **changed})
+            return declared
         if changed:
             raise ValueError(
-                f"`{type(self).__name__}` declares rules twice: in `group_rules` and in {listed(list(changed), True)}."
+                f"`{type(self).__name__}` declares rules twice: in `group_rules` and in {listed(changed, True)}."
                 " Declare them in one place: move the attributes into `GroupRules(...)`, or leave `group_rules` unset."
             )
         if not isinstance(rules, GroupRules):
@@ -204,7 +209,8 @@ class NoDecayMixin:
         self._check_groups(groups)
         optimizer = build(groups)
         self._check_optimizer(optimizer, groups)
-        resolve_multipliers(optimizer.param_groups, optimizer.defaults[WEIGHT_DECAY])
+        _resolve(optimizer, groups)
+        exclude_own_decay(optimizer)
         attach_declared_hook(self, optimizer, self.weight_decay_decisions())
         schedule = self._declared("lr_scheduler")
         if schedule is None:
@@ -276,7 +282,7 @@ class NoDecayMixin:
                 " `functools.partial` of one, e.g. `functools.partial(torch.optim.AdamW, lr=1e-3)`."
             )
         label = type(optimizer).__name__
-        if WEIGHT_DECAY not in optimizer.defaults:
+        if not accepts_weight_decay(optimizer):
             raise ValueError(
                 f"`{label}` has no `weight_decay` option, so there is nothing for `NoDecayMixin` to"
                 " split. Use an optimizer with weight decay (e.g. `torch.optim.AdamW`), or drop the mixin."
@@ -293,6 +299,18 @@ class NoDecayMixin:
                 " `self.optimizer` must pass its first argument on as `params` to an optimizer that"
                 " accepts param groups, as every `torch.optim` optimizer does."
             )
+
+
+def _resolve(optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Give multiplier groups their ``weight_decay``: multiplier x the optimizer's base."""
+    base = base_weight_decay(optimizer, groups)
+    if base is not None:
+        resolve_multipliers(optimizer.param_groups, base)
+    elif any(g.get(WEIGHT_DECAY_MULTIPLIER, 1.0) not in (0, 1) and WEIGHT_DECAY not in g for g in groups):
+        raise ValueError(
+            f"`{type(optimizer).__name__}` shows no base `weight_decay` (not in its defaults, not filled into the"
+            " groups), so multiplier groups cannot be given multiplier x base. Pass `weight_decay=` to the optimizer."
+        )
 
 
 def _parent(module: NoDecayMixin) -> Any:

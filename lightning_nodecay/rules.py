@@ -20,8 +20,8 @@ Pure PyTorch: no Lightning import. Three kinds of rule exist:
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -98,7 +98,8 @@ class GroupRules:
 
     Module types may be given as import paths (``"torch.nn.Embedding"``), so YAML can declare them. In the
     keys of ``weight_decay_multipliers`` and in ``weight_decay_l1``, a string is a name pattern, unless it is
-    the import path of an ``nn.Module`` subclass (its last segment capitalised, e.g. ``"torch.nn.Embedding"``).
+    the import path of an ``nn.Module`` subclass in an already imported package, its last segment capitalised
+    (``"torch.nn.Embedding"``).
 
     Attributes:
         no_decay_module_types: ``nn.Module`` subclasses or predicates ``(module) -> bool`` whose directly-owned
@@ -156,7 +157,7 @@ def check_module_rules(rules: object, argument: str = "no_decay_module_types") -
 
 
 def _check_module_rule(rule: object, where: str) -> ModuleRule:
-    if isinstance(rule, str):
+    if isinstance(rule, str) and "." in rule:
         rule = _import_path(rule, where)
     if isinstance(rule, type):
         if not issubclass(rule, nn.Module):
@@ -167,10 +168,11 @@ def _check_module_rule(rule: object, where: str) -> ModuleRule:
         return rule
     if isinstance(rule, nn.Module):
         raise TypeError(f"`{where}` is a module instance ({rule!r}); pass its class `{type(rule).__name__}` instead.")
-    if not callable(rule):
+    if not callable(rule) or isinstance(rule, str):
         raise TypeError(
             f"`{where}` is {rule!r} of type `{type(rule).__name__}`; entries must be `nn.Module` subclasses"
-            " (e.g. `nn.LayerNorm`), predicates `(module) -> bool`, or their import paths (`'torch.nn.LayerNorm'`)."
+            " (e.g. `nn.LayerNorm`), predicates `(module) -> bool`, or their full import paths"
+            " (`'torch.nn.LayerNorm'`); exclude parameters by name with `no_decay_param_names`."
         )
     return rule
 
@@ -180,7 +182,7 @@ def _import_path(path: str, where: str) -> object:
     module_name, _, attribute = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
+    except (ImportError, AttributeError) as error:
         raise ValueError(
             f"`{where}` is {path!r}, which is not an importable class or function ({error}). Give a full import"
             " path such as `'torch.nn.Embedding'`, or the class itself."
@@ -199,7 +201,7 @@ def _module_class_path(key: str) -> type[nn.Module] | None:
     module_name, _, attribute = key.rpartition(".")
     if not module_name or not attribute[:1].isupper() or not all(s.isidentifier() for s in key.split(".")):
         return None
-    if importlib.util.find_spec(module_name.partition(".")[0]) is None:
+    if module_name.partition(".")[0] not in sys.modules:  # never import a package for a name pattern
         return None
     try:
         found = getattr(importlib.import_module(module_name), attribute, None)

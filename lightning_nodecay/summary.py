@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_nodecay._hook_checks import Masks
-from lightning_nodecay._naming import listed
-from lightning_nodecay._schema import NAME, PARAMS, PENALTY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay._invariant import effective_decay
+from lightning_nodecay._naming import group_name, listed
+from lightning_nodecay._schema import NAME, PARAMS
 from lightning_nodecay.groups import DecayDecision, groups_from_decisions
 
 
@@ -19,12 +21,15 @@ class GroupSummary:
 
     Attributes:
         name: group name (``decay``, ``no_decay``, ``decay_x2``, ...).
-        multiplier: factor of the optimizer's base ``weight_decay``.
+        multiplier: factor of the optimizer's base ``weight_decay``; ``None`` when the group holds parameters
+            the rules decay differently (an optimizer's group only).
         tensors: number of parameter tensors.
         elements: number of scalar weights (full size, also for DeepSpeed ZeRO-3 parameters).
         penalty: ``"l2"`` or ``"l1"``.
         mask_share: share of the elements that belong to parameters with a per-element mask.
         effective_multiplier: element-weighted mean multiplier of the group, masks included.
+        weight_decay: the group's effective weight decay (``weight_decay`` + ``hook_weight_decay``), when the
+            summary describes an optimizer's groups.
 
     Example:
         >>> from torch import nn
@@ -34,12 +39,13 @@ class GroupSummary:
     """
 
     name: str
-    multiplier: float
+    multiplier: float | None
     tensors: int
     elements: int
     penalty: str = "l2"
     mask_share: float = 0.0
     effective_multiplier: float | None = None
+    weight_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class DecaySummary:
     Attributes:
         groups: one entry per param group, in group order.
         reasons: ``{reason: [parameter names]}`` for every rule that fired (``default`` left out).
+        rules_groups: the names of the groups the rules give, when the summarized optimizer's groups differ
+            from them (a custom ``configure_param_groups``, an optimizer built elsewhere); empty otherwise.
 
     Example:
         >>> from torch import nn
@@ -59,32 +67,49 @@ class DecaySummary:
 
     groups: list[GroupSummary]
     reasons: dict[str, list[str]] = field(default_factory=dict)
+    rules_groups: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         """Render as a table, like Lightning's ``ModelSummary``."""
         masked = any(g.mask_share for g in self.groups)
-        rows = [("", "Group", "Decay", "Tensors", "Elements") + (("Masked",) if masked else ())]
+        valued = any(g.weight_decay is not None for g in self.groups)
+        header = ("", "Group", "Decay") + (("Weight decay",) if valued else ()) + ("Tensors", "Elements")
+        rows = [header + (("Masked",) if masked else ())]
         for i, g in enumerate(self.groups):
-            decay = f"x{g.multiplier:g}" if g.effective_multiplier is None else f"x{g.effective_multiplier:.3g}"
-            decay += " L1" if g.penalty == "l1" else ""
+            value = (f"{g.weight_decay:g}" if g.weight_decay is not None else "",) if valued else ()
             share = (f"{g.mask_share:.0%}" if g.mask_share else "",) if masked else ()
-            rows.append((str(i), g.name, decay, str(g.tensors), _human(g.elements), *share))
+            rows.append((str(i), g.name, _decay(g), *value, str(g.tensors), _human(g.elements), *share))
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(" |") for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         for reason, names in self.reasons.items():
             lines.append(f"{reason}: {len(names)} tensor{'s' * (len(names) != 1)} ({listed(names)})")
+        if self.rules_groups:
+            lines.append(
+                f"These are the optimizer's own groups; the rules alone would give {', '.join(self.rules_groups)}."
+            )
         return "\n".join(lines)
 
 
-def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) -> DecaySummary:
-    """Summarize decisions made by :func:`~lightning_nodecay.groups.decide`.
+def _decay(group: GroupSummary) -> str:
+    if group.multiplier is None:
+        return "mixed"
+    multiplier = group.multiplier if group.effective_multiplier is None else group.effective_multiplier
+    return f"x{multiplier:.3g}" + (" L1" if group.penalty == "l1" else "")
+
+
+def summarize(
+    decisions: Iterable[DecayDecision], masks: Masks | None = None, groups: Sequence[Mapping[str, Any]] | None = None
+) -> DecaySummary:
+    """Summarize decisions made by :func:`~lightning_nodecay.decide`, or an optimizer's groups in their light.
 
     Args:
         decisions: the decisions.
         masks: per-element masks, ``{parameter name or parameter: mask}``; they add a ``Masked``
             column (share of the group's elements under a mask) and make ``Decay`` the group's
             element-weighted mean multiplier.
+        groups: an optimizer's ``param_groups``: then the rows are these groups as they really are, with
+            their effective weight decay, and the summary says when they differ from the rules' groups.
 
     Example:
         >>> from torch import nn
@@ -105,6 +130,14 @@ def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) ->
         1 | no_decay | x0    | 2       | 8
         name pattern `bias`: 2 tensors (0.bias, 1.bias)
         per-element mask: 1 tensor (1.weight)
+        >>> layers = [{"params": list(m.parameters()), "name": f"layer{i}"} for i, m in enumerate(net)]
+        >>> print(summarize(decide(net), groups=torch.optim.SGD(layers, lr=0.1).param_groups))
+          | Group  | Decay | Weight decay | Tensors | Elements
+        ------------------------------------------------------
+        0 | layer0 | mixed | 0            | 2       | 20
+        1 | layer1 | mixed | 0            | 2       | 20
+        name pattern `bias`: 2 tensors (0.bias, 1.bias)
+        These are the optimizer's own groups; the rules alone would give decay, no_decay.
     """
     decisions = list(decisions)
     by_param = {id(d.param): d for d in decisions}
@@ -115,7 +148,9 @@ def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) ->
         decision = by_name.get(key) if isinstance(key, str) else by_param.get(id(key))
         if decision is not None:
             mask_means[id(decision.param)] = float(mask.double().mean())
-    groups = [_group_summary(g, mask_means) for g in groups_from_decisions(decisions)]
+    rules_groups = groups_from_decisions(decisions)
+    shown = rules_groups if groups is None else groups
+    summaries = [_group_summary(g, i, by_param, mask_means, real=groups is not None) for i, g in enumerate(shown)]
     reasons: dict[str, list[str]] = {}
     for d in decisions:
         if d.reason != "default":
@@ -123,24 +158,33 @@ def summarize(decisions: Iterable[DecayDecision], masks: Masks | None = None) ->
     for d in decisions:
         if id(d.param) in mask_means:
             reasons.setdefault("per-element mask", []).append(d.name)
-    return DecaySummary(groups, reasons)
+    differ = groups is not None and _layout(groups) != _layout(rules_groups)
+    return DecaySummary(summaries, reasons, tuple(g[NAME] for g in rules_groups) if differ else ())
 
 
-def _group_summary(group: Mapping, mask_means: Mapping[int, float]) -> GroupSummary:
-    sizes = [_numel(p) for p in group[PARAMS]]
-    elements, multiplier = sum(sizes), group[WEIGHT_DECAY_MULTIPLIER]
-    masked = sum(n for p, n in zip(group[PARAMS], sizes, strict=True) if id(p) in mask_means)
-    if not masked:
-        return GroupSummary(group[NAME], multiplier, len(sizes), elements, group.get(PENALTY, "l2"))
-    weighted = sum(n * mask_means.get(id(p), 1.0) for p, n in zip(group[PARAMS], sizes, strict=True))
+def _layout(groups: Iterable[Mapping[str, Any]]) -> list[tuple[str | None, list[int]]]:
+    return [(g.get(NAME), [id(p) for p in g[PARAMS]]) for g in groups]
+
+
+def _group_summary(
+    group: Mapping[str, Any], index: int, by_param: Mapping[int, DecayDecision], masks: Mapping[int, float], real: bool
+) -> GroupSummary:
+    params = list(group[PARAMS])
+    sizes = [_numel(p) for p in params]
+    elements = sum(sizes)
+    kinds = {(d.multiplier, d.penalty) for p in params if (d := by_param.get(id(p))) is not None}
+    multiplier, penalty = next(iter(kinds)) if len(kinds) == 1 else (None, "l2")
+    masked = sum(n for p, n in zip(params, sizes, strict=True) if id(p) in masks)
+    weighted = sum(n * masks.get(id(p), 1.0) for p, n in zip(params, sizes, strict=True))
     return GroupSummary(
-        group[NAME],
+        group_name(group, index),
         multiplier,
         len(sizes),
         elements,
-        group.get(PENALTY, "l2"),
-        mask_share=masked / elements,
-        effective_multiplier=multiplier * weighted / elements,
+        penalty,
+        mask_share=masked / elements if masked else 0.0,
+        effective_multiplier=multiplier * weighted / elements if masked and multiplier is not None else None,
+        weight_decay=effective_decay(group) if real else None,
     )
 
 

@@ -62,8 +62,8 @@ def test_finetune_example_unfrozen_backbone_split(tmp_path):
     assert epochs[0] == "epoch 0: [('decay', 2, 0.05), ('no_decay', 7, 0.0)]"
     backbone_groups = "('backbone_decay', 2, 0.05), ('backbone_no_decay', 4, 0.0)"
     assert epochs[1] == f"epoch 1: [('decay', 2, 0.05), ('no_decay', 7, 0.0), {backbone_groups}]"
-    assert "refused: Parameters excluded from weight decay (`backbone.0.bias`" in result.stdout
-    assert "Use `lightning_nodecay.NoDecayBackboneFinetuning`" in result.stdout
+    assert "holds parameters excluded from weight decay (`backbone.0.bias`" in result.stdout
+    assert "use `lightning_nodecay.NoDecayBackboneFinetuning`" in result.stdout
 
 
 def test_prelu_digits_slopes_kept_without_decay(tmp_path):

@@ -398,8 +398,8 @@ def test_mixin_l1_rule_and_summary(tmp_path, nodecay_log):
     ]
     assert not torch.equal(model.body.weight, before)
     text = nodecay_log.text
-    assert "0 | decay    | x0.5  | 1       | 8        | 100%" in text  # effective decay: mean of the mask
-    assert "2 | decay_l1 | x1 L1 | 1       | 128" in text
+    assert "0 | decay    | x0.5  | 0.01         | 1       | 8        | 100%" in text  # decay x: mean of the mask
+    assert "2 | decay_l1 | x1 L1 | 0.01         | 1       | 128" in text
     assert "per-element mask: 1 tensor (head.weight)" in text
     assert "L1 rule `body.*`: 1 tensor (body.weight)" in text
 
@@ -419,8 +419,13 @@ def test_mixin_masks_applied_when_optimizer_built_elsewhere(tmp_path):
     class ReplacedL1(Replaced):
         weight_decay_l1 = ("body.weight",)
 
-    with pytest.raises(ValueError, match=r"`body.weight` should get an L1 penalty"):
-        fit(ReplacedL1(), tmp_path, max_steps=1)
+    optimizer = fit(ReplacedL1(), tmp_path, max_steps=1).trainer.optimizers[0]
+    assert [(g["name"], g.get("weight_decay_penalty"), g.get("hook_weight_decay")) for g in optimizer.param_groups] == [
+        ("decay", None, None),
+        ("no_decay", None, None),
+        ("decay_l1", "l1", 0.5),  # the L1 rule applied by the safety net, its decay by the hook
+    ]
+    assert WeightDecayHook.of(optimizer).hooked_groups == [2]
 
 
 def test_masks_accept_bool_masks():

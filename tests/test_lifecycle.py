@@ -100,7 +100,7 @@ def test_lifecycle_without_super_on_train_epoch_start_still_checks(tmp_path):
             self.epochs = getattr(self, "epochs", 0) + 1
 
     with pytest.raises(
-        ValueError, match=r"`late` of `AdamW` \(backbone.1.weight, backbone.1.bias\) holds parameters excluded"
+        ValueError, match=r"`late` of `AdamW` \(`backbone.1.weight`, `backbone.1.bias`\) holds parameters excluded"
     ):
         fit(tmp_path, Model(), max_steps=-1, max_epochs=3, callbacks=[ExcludedIntoDecay()])
 

@@ -143,6 +143,8 @@ class Ruled(TwoLayerModel):
 
 
 class ByHand(TwoLayerModel):
+    weight_decay_multipliers = {"head.weight": 2.0}  # noqa: RUF012  (the rules its hand-built groups follow)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [
             {"params": [self.body.weight]},
@@ -227,7 +229,7 @@ def test_mixin_summary_logged_once_at_fit_start(tmp_path, nodecay_log):
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2)).fit(NoDecayBoringModel())
     summaries = log_lines(nodecay_log, "Weight decay groups")
     assert len(summaries) == 1
-    assert "decay    | x1    | 1       | 64" in summaries[0]
+    assert "decay    | x1    | 0.1          | 1       | 64" in summaries[0]
     assert "name pattern `bias`: 1 tensor (layer.bias)" in summaries[0]
     nodecay_log.clear()
     model = NoDecayBoringModel()
