@@ -25,13 +25,14 @@ from typing import Literal, Union
 
 from torch import nn
 
+from lightning_nodecay._naming import clean_name, unwrap
+from lightning_nodecay._patterns import NamePatterns
+
 #: A model's declaration of its layer ids: ``{name pattern: layer id}`` or ``(name) -> layer id | None``.
 DeclaredLayers = Union[Mapping[str, int], Callable[[str], Union[int, None]]]  # noqa: UP007 (a runtime alias)
 
 Origin = Literal["declared", "group_matcher", "blocks"]
 
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module"})
-_WRAPPER_CHILDREN = _WRAPPER_SEGMENTS | {"module"}
 _BLOCK_LIST_NAMES = ("blocks", "layers", "layer", "h")
 _MATCH_PREV_GROUP = 99999  # timm's `MATCH_PREV_GROUP[0]`: an ordinal key ending in it joins the previous layer
 
@@ -116,8 +117,8 @@ def assign_layers(module: nn.Module, declared: DeclaredLayers | None = None) -> 
         >>> assign_layers(model, {"embed.**": 0, "*": 1}).ids["blocks.1.bias"]
         1
     """
-    root = _unwrap(module)
-    named = [(_clean_name(name), param.requires_grad) for name, param in root.named_parameters()]
+    root = unwrap(module)
+    named = [(clean_name(name), param.requires_grad) for name, param in root.named_parameters()]
     if not named:
         raise ValueError(f"`{type(root).__name__}` has no parameters, so it has no layers to decay.")
     if declared is not None:
@@ -130,20 +131,6 @@ def assign_layers(module: nn.Module, declared: DeclaredLayers | None = None) -> 
     if block_list is None:
         raise ValueError(_no_source_message(type(root).__name__))
     return _from_block_list(names, *block_list)
-
-
-def _clean_name(name: str) -> str:
-    return ".".join(segment for segment in name.split(".") if segment not in _WRAPPER_SEGMENTS)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Descend through pure wrappers: no own parameters and one child named ``module`` or a wrapper segment."""
-    while next(module.parameters(recurse=False), None) is None:
-        children = list(module.named_children())
-        if len(children) != 1 or children[0][0] not in _WRAPPER_CHILDREN:
-            break
-        module = children[0][1]
-    return module
 
 
 def _assignment(ids: dict[str, int], sources: dict[str, str], origin: Origin) -> LayerAssignment:
@@ -173,14 +160,13 @@ def _declared_lookup(declared: DeclaredLayers) -> Callable[[str], tuple[int, str
     """A function ``name -> (layer id, source)`` or ``None`` when ``declared`` does not cover the name."""
     if isinstance(declared, Mapping):
         rules = [
-            (_compile_pattern(pattern), "." in pattern, _checked_id(layer_id, f"pattern `{pattern}`"), pattern)
+            (NamePatterns((pattern,), "layer_ids"), _checked_id(layer_id, f"pattern `{pattern}`"), pattern)
             for pattern, layer_id in _checked_patterns(declared)
         ]
 
         def from_mapping(name: str) -> tuple[int, str] | None:
-            leaf = name.rpartition(".")[2]
-            for regex, dotted, layer_id, pattern in rules:
-                if regex.fullmatch(f"{name if dotted else leaf}."):
+            for patterns, layer_id, pattern in rules:
+                if patterns.match(name):
                     return layer_id, f"declared `{pattern}`"
             return None
 
@@ -215,20 +201,6 @@ def _checked_id(layer_id: object, what: str) -> int:
             " `0` for the layer nearest the input."
         )
     return layer_id
-
-
-def _compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile a name pattern into a regex to be matched against a name followed by a dot.
-
-    Each segment becomes a regex for that segment and its trailing dot, so ``**`` (any number of
-    whole segments, zero included) needs no special case at either end of the pattern.
-    """
-    return re.compile(
-        "".join(
-            r"(?:[^.]+\.)*" if segment == "**" else re.escape(segment).replace(r"\*", "[^.]*") + r"\."
-            for segment in pattern.split(".")
-        )
-    )
 
 
 def _uncovered_message(uncovered: list[str], mapping: bool) -> str:
@@ -349,7 +321,7 @@ def _layer_ids_of_keys(keys: set[_OrdinalKey]) -> dict[_OrdinalKey, int]:
 def _find_block_list(root: nn.Module) -> tuple[str, dict[str, int], int] | None:
     """``(cleaned name, {child name: position}, depth)`` of the first block list holding parameters."""
     for name, sub in root.named_modules():
-        cleaned = _clean_name(name)
+        cleaned = clean_name(name)
         if (
             isinstance(sub, (nn.ModuleList, nn.Sequential))
             and cleaned.rpartition(".")[2] in _BLOCK_LIST_NAMES

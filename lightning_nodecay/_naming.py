@@ -18,8 +18,9 @@ from lightning_nodecay._schema import NAME
 
 #: Segments that wrappers insert into parameter names (FSDP1, activation checkpointing, ``torch.compile``).
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-#: Names of the only child of a pure wrapper module (DDP, DataParallel, DeepSpeed's engine, Fabric).
-_WRAPPER_CHILDREN = frozenset({"module", "_forward_module"})
+#: Names of the only child of a pure wrapper module (DDP, DataParallel, DeepSpeed's engine, Fabric, and the
+#: wrappers whose segments names drop anyway).
+_WRAPPER_CHILDREN = frozenset({"module", "_forward_module"}) | WRAPPER_SEGMENTS
 
 
 def clean_name(name: str) -> str:

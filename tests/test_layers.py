@@ -27,6 +27,8 @@ CORE = (
     "_naming",
     "_schema",
     "_invariant",
+    "_layer_ids",
+    "_schedules",
 )
 GLUE = ("_lightning", "_lifecycle", "_checkpoint", "mixin", "monitor", "finetuning")
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
