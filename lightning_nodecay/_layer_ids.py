@@ -21,15 +21,13 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from torch import nn
 
 from lightning_nodecay._naming import clean_name, unwrap
 from lightning_nodecay._patterns import NamePatterns
-
-#: A model's declaration of its layer ids: ``{name pattern: layer id}`` or ``(name) -> layer id | None``.
-DeclaredLayers = Union[Mapping[str, int], Callable[[str], Union[int, None]]]  # noqa: UP007 (a runtime alias)
+from lightning_nodecay.rules import LayerIds
 
 Origin = Literal["declared", "group_matcher", "blocks"]
 
@@ -69,7 +67,7 @@ class LayerAssignment:
         return decay ** (self.num_layers - 1 - self.ids[name])
 
 
-def assign_layers(module: nn.Module, declared: DeclaredLayers | None = None) -> LayerAssignment:
+def assign_layers(module: nn.Module, declared: LayerIds | None = None) -> LayerAssignment:
     """Give every parameter of ``module`` a layer id, from the first source that applies.
 
     * ``declared`` (when not ``None``): pattern keys are matched against the cleaned name, first
@@ -140,7 +138,7 @@ def _assignment(ids: dict[str, int], sources: dict[str, str], origin: Origin) ->
 # -- 1. declared ---------------------------------------------------------------------------------
 
 
-def _from_declared(named: list[tuple[str, bool]], declared: DeclaredLayers) -> LayerAssignment:
+def _from_declared(named: list[tuple[str, bool]], declared: LayerIds) -> LayerAssignment:
     lookup = _declared_lookup(declared)
     ids: dict[str, int] = {}
     sources: dict[str, str] = {}
@@ -156,7 +154,7 @@ def _from_declared(named: list[tuple[str, bool]], declared: DeclaredLayers) -> L
     return _assignment(ids, sources, "declared")
 
 
-def _declared_lookup(declared: DeclaredLayers) -> Callable[[str], tuple[int, str] | None]:
+def _declared_lookup(declared: LayerIds) -> Callable[[str], tuple[int, str] | None]:
     """A function ``name -> (layer id, source)`` or ``None`` when ``declared`` does not cover the name."""
     if isinstance(declared, Mapping):
         rules = [

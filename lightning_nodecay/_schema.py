@@ -28,6 +28,14 @@ WEIGHT_DECAY = "weight_decay"
 #: Param-group key: the group's factor of the base decay (0 = excluded, 1 = the base). Written by ``groups``
 #: and fine-tuning; read by multiplier resolution, the summary and the resume remap.
 WEIGHT_DECAY_MULTIPLIER = "weight_decay_multiplier"
+#: Param-group key: the group's factor of the base learning rate (layer decay x ``lr_multipliers``), written
+#: when the rules declare learning-rate multipliers. Written by ``groups``, the safety net and fine-tuning; read
+#: by learning-rate resolution, the invariant, the summary and the resume remap.
+LR_MULTIPLIER = "lr_multiplier"
+#: Param-group key: the family of groups that share one base learning rate, for groups added after the others
+#: with a learning rate of their own (the fine-tuning callbacks write the new groups' name prefix, e.g.
+#: ``backbone``); absent: the family of the groups built from the rules. Read by the invariant.
+LR_FAMILY = "lr_family"
 #: Param-group key: the decay the step hook applies in place of the optimizer (masked and L1 groups).
 #: Written by the hook; read by the hook, the monitor and the resume remap.
 HOOK_WEIGHT_DECAY = "hook_weight_decay"
@@ -47,7 +55,7 @@ OPTIMIZER_STATES = "optimizer_states"
 #: Checkpoint key (Lightning's own): LR-scheduler states, rewritten in place with the optimizer states.
 LR_SCHEDULERS = "lr_schedulers"
 
-DECISION_KEYS = (WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, HOOK_WEIGHT_DECAY, PENALTY, MASK_SHARE)
+DECISION_KEYS = (WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, HOOK_WEIGHT_DECAY, PENALTY, MASK_SHARE, LR_MULTIPLIER)
 
 #: The penalty of a decayed parameter: ``"l2"`` (weight decay) or ``"l1"``.
 Penalty = Literal["l2", "l1"]
@@ -64,3 +72,5 @@ class ParamGroup(TypedDict, total=False):
     hook_weight_decay: float
     weight_decay_penalty: Penalty
     weight_decay_mask_share: float
+    lr_multiplier: float
+    lr_family: str

@@ -56,6 +56,10 @@ class CompiledRules:
         self.l1_patterns = NamePatterns([r for r in rules.weight_decay_l1 if isinstance(r, str)], "weight_decay_l1")
         self.l1_modules = tuple(r for r in rules.weight_decay_l1 if not isinstance(r, str))
         self.any_l1 = bool(rules.weight_decay_l1)
+        lr_rules = rules.lr_multipliers.items()
+        self.lr_patterns = [(NamePatterns((k,), "lr_multipliers"), m) for k, m in lr_rules if isinstance(k, str)]
+        self.lr_modules: list[tuple[ModuleRule, float]] = [(k, m) for k, m in lr_rules if not isinstance(k, str)]
+        self.any_lr = bool(rules.lr_multipliers)
         self._pattern_reasons = {p: f"name pattern `{p}`" for p in self.patterns.patterns}
         # a module's proposal depends on its class alone unless a rule is an arbitrary predicate
         module_rules = (*self.predicates, *(rule for rule, _ in self.multiplier_modules))
@@ -69,6 +73,7 @@ class CompiledRules:
         """``(pattern, argument)`` of every user-declared name pattern, for the ``strict`` check."""
         found = [(p, "no_decay_param_names") for p in self.patterns.patterns if p not in DEFAULT_NO_DECAY_PARAM_NAMES]
         found += [(p, "weight_decay_multipliers") for rule, _ in self.multiplier_patterns for p in rule.patterns]
+        found += [(p, "lr_multipliers") for rule, _ in self.lr_patterns for p in rule.patterns]
         return found + [(p, "weight_decay_l1") for p in self.l1_patterns.patterns]
 
     def l1_rule(self, module: nn.Module, name: str, leaf: str) -> str | None:
@@ -78,6 +83,22 @@ class CompiledRules:
                 return f"L1 rule `{rule_label(rule)}`"
         pattern = self.l1_patterns.match(name, leaf)
         return None if pattern is None else f"L1 rule `{pattern}`"
+
+    def lr_rule(self, module: nn.Module, name: str, leaf: str) -> Proposal | None:
+        """``(multiplier, reason)`` of the ``lr_multipliers`` rule matching the parameter, or ``None``.
+
+        Raises:
+            ValueError: two rules match it: which one is meant is not for the library to guess.
+        """
+        hits = [(m, f"`{rule_label(rule)}`") for rule, m in self.lr_modules if _matches(rule, module)]
+        hits += [(m, f"`{p.patterns[0]}`") for p, m in self.lr_patterns if p.match(name, leaf)]
+        if len(hits) > 1:
+            raise ValueError(
+                f"Parameter `{name}` matches two `lr_multipliers` rules, {hits[0][1]} (x{hits[0][0]:g}) and"
+                f" {hits[1][1]} (x{hits[1][0]:g}). Give each parameter one learning-rate rule: narrow a pattern,"
+                " or combine the two into one entry."
+            )
+        return (hits[0][0], f"lr rule {hits[0][1]}") if hits else None
 
     def for_owner(self, module: nn.Module) -> OwnerRules:
         """The rules for the parameters registered directly on ``module``."""
@@ -137,6 +158,10 @@ class CompiledRules:
             if hit is not None and (best is None or multiplier < best[0]):
                 best = (multiplier, f"multiplier rule `{hit}`")
         return best or DEFAULT
+
+
+def _matches(rule: ModuleRule, module: nn.Module) -> bool:
+    return isinstance(module, rule) if isinstance(rule, type) else bool(rule(module))
 
 
 def with_l1(verdict: Verdict, rule: str) -> Verdict:

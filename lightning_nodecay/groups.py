@@ -15,15 +15,26 @@ decay of a parameter element by element; neither overrides an exclusion.
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from lightning_nodecay._layer_ids import assign_layers
 from lightning_nodecay._naming import WRAPPER_SEGMENTS, clean_name, unwrap
 from lightning_nodecay._patterns import NamePatterns
-from lightning_nodecay._schema import NAME, PARAMS, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._schema import (
+    LR,
+    LR_MULTIPLIER,
+    NAME,
+    PARAMS,
+    PENALTY,
+    WEIGHT_DECAY,
+    WEIGHT_DECAY_MULTIPLIER,
+    Penalty,
+)
 from lightning_nodecay._verdicts import CompiledRules, Verdict, with_l1
 from lightning_nodecay.rules import GroupRules
 
@@ -41,6 +52,10 @@ class DecayDecision:
         reason: the rule that decided, e.g. ``"module type `LayerNorm`"`` or ``"default"``.
         penalty: ``"l2"`` (weight decay), or ``"l1"`` when a ``weight_decay_l1`` rule matched a
             decayed parameter.
+        lr_multiplier: factor applied to the optimizer's base ``lr``: its layer's scale under layer decay x
+            its ``lr_multipliers`` value.
+        lr_reason: why, e.g. ``"layer 3 of 6 (block `blocks.2`), lr rule `head.*`"``, or ``"default"``.
+        layer: its layer id under layer decay, else ``None``.
 
     Example:
         >>> from torch import nn
@@ -54,30 +69,49 @@ class DecayDecision:
     multiplier: float
     reason: str
     penalty: Penalty = "l2"
+    lr_multiplier: float = 1.0
+    lr_reason: str = "default"
+    layer: int | None = None
 
     @property
     def group(self) -> str:
-        """The name of the param group this parameter goes to."""
-        return decided_group_name(self.multiplier, self.penalty)
+        """The name of the param group this parameter goes to (when no other layer shares its lr multiplier)."""
+        return decided_group_name(self.multiplier, self.penalty, self.lr_multiplier, self.layer)
 
 
-def decided_group_name(multiplier: float, penalty: Penalty = "l2") -> str:
-    """The name of the group of a decision: ``decay`` (1), ``no_decay`` (0), ``decay_x{m}``, ``..._l1`` for L1.
+def decided_group_name(
+    multiplier: float, penalty: Penalty = "l2", lr_multiplier: float = 1.0, layer: int | None = None
+) -> str:
+    """The name of a group of decisions: ``decay`` (1), ``no_decay`` (0), ``decay_x{m}``, ``..._l1`` for L1.
 
-    ``m`` is written with up to 6 significant digits, or in full when that would make two different
-    multipliers share a name.
+    Under layer decay, ``layer{i}_`` comes first when all its parameters are in layer ``i``; otherwise
+    ``_lr_x{m}`` comes last for a learning-rate multiplier other than 1. ``m`` is written with up to 6
+    significant digits, or in full when that would make two different multipliers share a name. Two groups of
+    one layer with different learning rates (an ``lr_multipliers`` rule inside a layer) get ``_lr_x{m}`` too,
+    from :func:`groups_from_decisions`.
 
     Example:
         >>> [decided_group_name(m) for m in (1.0, 0.0, 2.0, 0.1, 0.12345678)]
         ['decay', 'no_decay', 'decay_x2', 'decay_x0.1', 'decay_x0.12345678']
-        >>> decided_group_name(2.0, "l1")
-        'decay_x2_l1'
+        >>> decided_group_name(2.0, "l1"), decided_group_name(1.0, lr_multiplier=10.0)
+        ('decay_x2_l1', 'decay_lr_x10')
+        >>> decided_group_name(0.0, layer=3), decided_group_name(1.0, lr_multiplier=10.0, layer=3)
+        ('layer3_no_decay', 'layer3_decay')
     """
     if multiplier == 0:
-        return NO_DECAY
-    short = f"{multiplier:g}"
-    name = DECAY if multiplier == 1 else f"decay_x{short if float(short) == multiplier else repr(multiplier)}"
-    return f"{name}_l1" if penalty == "l1" else name
+        name = NO_DECAY
+    else:
+        name = DECAY if multiplier == 1 else f"decay_x{_number(multiplier)}"
+        name = f"{name}_l1" if penalty == "l1" else name
+    if layer is not None:
+        return f"layer{layer}_{name}"
+    return name if lr_multiplier == 1 else f"{name}_lr_x{_number(lr_multiplier)}"
+
+
+def _number(value: float) -> str:
+    """``value`` with up to 6 significant digits, in full when that would round it."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDecision]:
@@ -108,6 +142,7 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
     compiled = CompiledRules(GroupRules() if rules is None else rules)
     decisions: dict[int, DecayDecision] = {}  # by `id(param)`: each parameter once, in the order first met
     l1: dict[int, str] = {}
+    lr: dict[int, tuple[float, str] | None] = {}
     declared: dict[str, str] = {}
     user_patterns = compiled.user_patterns() if compiled.strict else []
     all_names: list[str] | None = [] if user_patterns else None
@@ -143,12 +178,31 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
                 l1_rule = compiled.l1_rule(owner, name, own_name)
                 if l1_rule is not None:
                     l1[key] = l1_rule
+            if compiled.any_lr and key not in lr:
+                lr[key] = compiled.lr_rule(owner, name, own_name)
     if all_names is not None:
         _check_all_patterns_match(user_patterns, all_names)
     for key, l1_rule in l1.items():
         decision = decisions[key]
         _, decision.reason, decision.penalty = with_l1(_verdict(decision), l1_rule)
+    for key, proposal in lr.items():
+        if proposal is not None:
+            decisions[key].lr_multiplier, decisions[key].lr_reason = proposal
+    if rules is not None and rules.layer_decay is not None:
+        _decay_layers(module, rules, decisions.values())
     return list(decisions.values())
+
+
+def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Iterable[DecayDecision]) -> None:
+    """Scale every decision's learning rate by its layer's ``layer_decay ** (n - 1 - layer)``."""
+    layers = assign_layers(module, rules.layer_ids)
+    decay = float(rules.layer_decay or 1.0)
+    for decision in decisions:
+        layer = layers.ids[decision.name]
+        where = f"layer {layer} of {layers.num_layers} ({layers.sources[decision.name]})"
+        decision.layer = layer
+        decision.lr_multiplier *= layers.scale(decision.name, decay)
+        decision.lr_reason = where if decision.lr_reason == "default" else f"{where}, {decision.lr_reason}"
 
 
 def _verdict(decision: DecayDecision) -> Verdict:
@@ -221,7 +275,7 @@ def _check_all_patterns_match(patterns: list[tuple[str, str]], names: list[str])
 
 
 def param_groups(
-    module: nn.Module, rules: GroupRules | None = None, *, weight_decay: float | None = None
+    module: nn.Module, rules: GroupRules | None = None, *, weight_decay: float | None = None, lr: float | None = None
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``module`` into weight-decay param groups.
 
@@ -233,6 +287,8 @@ def param_groups(
         rules: the declarations; default ``GroupRules()`` (norms, PReLU and biases excluded).
         weight_decay: the optimizer's base ``weight_decay``; needed only to resolve multipliers
             other than 0 and 1 into explicit group values.
+        lr: the optimizer's base ``lr``; needed only to resolve learning-rate multipliers (``lr_multipliers``,
+            ``layer_decay``) into each group's ``lr``.
 
     Returns:
         Groups in a fixed order, ``decay`` first, then ``no_decay``, then multiplier groups in
@@ -269,34 +325,81 @@ def param_groups(
         )
     if weight_decay is not None:
         resolve_multipliers(groups, weight_decay)
+    if any(g.get(LR_MULTIPLIER, 1.0) != 1 for g in groups):
+        if lr is None:
+            raise ValueError(
+                "The rules give learning-rate multipliers (`lr_multipliers` or `layer_decay`), so `param_groups`"
+                " needs the base learning rate: pass `lr=` (the same value you give the optimizer), or use"
+                " `NoDecayMixin`, which resolves them when it builds the optimizer."
+            )
+        resolve_lr(groups, lr)
     return groups
 
 
 def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, Any]]:
-    """Group decisions by multiplier and penalty, in the documented order; multipliers stay unresolved."""
-    by_kind: dict[tuple[float, Penalty], list[nn.Parameter]] = {}
+    """One group per distinct (multiplier, penalty, lr multiplier), in the documented order; nothing resolved.
+
+    Order: by layer under layer decay, else the groups at the base learning rate first; then by learning-rate
+    multiplier, then ``decay``, ``no_decay``, weight-decay multipliers up, L1 groups last.
+    """
+    by_kind: dict[_Kind, list[DecayDecision]] = {}
     for decision in decisions:
-        by_kind.setdefault((decision.multiplier, decision.penalty), []).append(decision.param)
-    order = sorted(by_kind, key=group_order)
+        by_kind.setdefault((decision.multiplier, decision.penalty, decision.lr_multiplier), []).append(decision)
+    layers = {kind: _shared_layer(members) for kind, members in by_kind.items()}
+    order = sorted(by_kind, key=lambda kind: _kind_order(kind, layers[kind]))
+    names = _unique_names({kind: decided_group_name(*kind, layers[kind]) for kind in order})
+    with_lr = any(kind[2] != 1 or layers[kind] is not None for kind in order)
     groups = []
-    for multiplier, penalty in order:
+    for kind in order:
+        multiplier, penalty, lr_multiplier = kind
         group: dict[str, Any] = {
-            NAME: decided_group_name(multiplier, penalty),
-            PARAMS: by_kind[multiplier, penalty],
+            NAME: names[kind],
+            PARAMS: [d.param for d in by_kind[kind]],
             WEIGHT_DECAY_MULTIPLIER: multiplier,
         }
         if multiplier == 0:
             group[WEIGHT_DECAY] = 0.0
         if penalty == "l1":
             group[PENALTY] = penalty
+        if with_lr:
+            group[LR_MULTIPLIER] = lr_multiplier
         groups.append(group)
     return groups
+
+
+#: A group's decision: ``(multiplier, penalty, lr multiplier)``.
+_Kind = tuple[float, Penalty, float]
+
+
+def _shared_layer(decisions: list[DecayDecision]) -> int | None:
+    layers = {d.layer for d in decisions}
+    return layers.pop() if len(layers) == 1 else None
+
+
+def _kind_order(kind: _Kind, layer: int | None) -> tuple[Any, ...]:
+    multiplier, penalty, lr_multiplier = kind
+    first = (layer, 0) if layer is not None else (-1, lr_multiplier != 1)
+    return (*first, lr_multiplier, *group_order((multiplier, penalty)))
+
+
+def _unique_names(names: dict[_Kind, str]) -> dict[_Kind, str]:
+    """Give groups that would share a name (one layer, two learning rates) an ``_lr_x{m}`` suffix."""
+    counts = Counter(names.values())
+    return {k: f"{n}_lr_x{_number(k[2])}" if counts[n] > 1 else n for k, n in names.items()}
 
 
 def group_order(kind: tuple[float, Penalty]) -> tuple[bool, bool, bool, float]:
     """The sort key of a group of ``(multiplier, penalty)``: ``decay``, ``no_decay``, multipliers up, L1 groups last."""
     multiplier, penalty = kind
     return penalty == "l1", multiplier != 1, multiplier != 0, multiplier
+
+
+def resolve_lr(groups: Iterable[dict[str, Any]], lr: float) -> None:
+    """Set ``lr = lr_multiplier * lr`` on groups whose learning-rate multiplier is not 1."""
+    for group in groups:
+        multiplier = group.get(LR_MULTIPLIER, 1.0)
+        if multiplier != 1:
+            group[LR] = multiplier * lr
 
 
 def resolve_multipliers(groups: Iterable[dict[str, Any]], weight_decay: float) -> None:

@@ -20,6 +20,7 @@ Pure PyTorch: no Lightning import. Three kinds of rule exist:
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +36,8 @@ ModulePredicate = Callable[[nn.Module], bool]
 ModuleRule = Union[type[nn.Module], ModulePredicate]  # noqa: UP007 (a runtime alias)
 #: A rule key of multipliers and L1 rules: a name pattern, a module type, or a module predicate.
 RuleKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias)
+#: A model's own layer ids: ``{name pattern: layer id}`` or ``(name) -> layer id | None``.
+LayerIds = Union[Mapping[str, int], Callable[[str], Union[int, None]]]  # noqa: UP007 (a runtime alias)
 
 _NORM_CLASS_NAME = re.compile(r"Norm(alization)?(Act)?(\d+d?)?$")
 
@@ -110,6 +113,14 @@ class GroupRules:
             than 0 or 1, e.g. ``{"head.**": 2.0, nn.Embedding: 0.1}``.
         weight_decay_l1: patterns or module types whose *decayed* parameters get an L1 penalty (strength: their
             multiplier x the base decay) instead of L2; excluded parameters stay excluded.
+        lr_multipliers: ``{pattern or module type: multiplier}`` of the base learning rate, e.g.
+            ``{"head.**": 10.0, nn.Embedding: 0.5}``. A parameter matched by two of them is an error.
+        layer_decay: layer-wise learning-rate decay: a parameter in layer ``i`` of ``n`` gets
+            ``layer_decay ** (n - 1 - i)`` times the base learning rate (times its ``lr_multipliers`` value).
+            Layers come from ``layer_ids``, else the model's ``group_matcher()`` (timm), else its block list
+            (``blocks``, ``layers``, ``layer`` or ``h``; see ``docs/lr.md``).
+        layer_ids: the model's own layer ids: ``{name pattern: layer id}`` (first match wins), or a callable
+            ``(name) -> layer id`` (or its import path), counting from 0 at the input.
         strict: raise when a declared name pattern (not a default one) matches no parameter of the model.
 
     Raises:
@@ -130,6 +141,9 @@ class GroupRules:
     no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
     weight_decay_multipliers: Mapping[RuleKey, float] = field(default_factory=dict)
     weight_decay_l1: Sequence[RuleKey] = ()
+    lr_multipliers: Mapping[RuleKey, float] = field(default_factory=dict)
+    layer_decay: float | None = None
+    layer_ids: LayerIds | None = None
     strict: bool = True
 
     def __post_init__(self) -> None:
@@ -138,6 +152,9 @@ class GroupRules:
         _set(self, "no_decay_param_names", check_patterns(self.no_decay_param_names, "no_decay_param_names"))
         _set(self, "weight_decay_multipliers", _check_multipliers(self.weight_decay_multipliers))
         _set(self, "weight_decay_l1", _check_l1(self.weight_decay_l1))
+        _set(self, "lr_multipliers", _check_multipliers(self.lr_multipliers, "lr_multipliers"))
+        _set(self, "layer_decay", _check_layer_decay(self.layer_decay))
+        _set(self, "layer_ids", _check_layer_ids(self.layer_ids))
         if not isinstance(self.strict, bool):
             raise TypeError(f"`strict` must be True or False; got {self.strict!r}.")
 
@@ -210,24 +227,50 @@ def _module_class_path(key: str) -> type[nn.Module] | None:
     return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
-def _check_multipliers(multipliers: object) -> dict[RuleKey, float]:
+def _check_multipliers(multipliers: object, argument: str = "weight_decay_multipliers") -> dict[RuleKey, float]:
     if not isinstance(multipliers, Mapping):
         raise TypeError(
-            "`weight_decay_multipliers` must be a dict mapping name patterns or module types to floats, e.g."
+            f"`{argument}` must be a dict mapping name patterns or module types to floats, e.g."
             f" `{{'head.*': 2.0, nn.Embedding: 0.1}}`; got {multipliers!r}."
         )
+    lr = argument == "lr_multipliers"
     checked: dict[RuleKey, float] = {}
     for key, value in multipliers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(
-                f"`weight_decay_multipliers[{key!r}]` is {value!r}; a multiplier must be a finite float >= 0"
-                " (0 = no decay, 1 = the optimizer's `weight_decay`)."
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or value < 0 or (lr and value == 0):
+            meaning = (
+                "> 0 (1 = the optimizer's `lr`; freeze a parameter with `requires_grad_(False)` instead of 0)"
+                if lr
+                else ">= 0 (0 = no decay, 1 = the optimizer's `weight_decay`)"
             )
-        rule = _as_rule_key(key, f"weight_decay_multipliers[{key!r}]")
+            raise ValueError(f"`{argument}[{key!r}]` is {value!r}; a multiplier must be a finite float {meaning}.")
+        rule = _as_rule_key(key, f"{argument}[{key!r}]")
         if isinstance(rule, str):
-            check_patterns((rule,), "weight_decay_multipliers")
+            check_patterns((rule,), argument)
         checked[rule] = float(value)
     return checked
+
+
+def _check_layer_decay(layer_decay: object) -> float | None:
+    if layer_decay is None:
+        return None
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise ValueError(
+            f"`layer_decay` is {layer_decay!r}; it must be a float in (0, 1], e.g. 0.75: each layer below the top gets"
+            " that factor of the learning rate of the layer above it."
+        )
+    return float(layer_decay)
+
+
+def _check_layer_ids(layer_ids: object) -> LayerIds | None:
+    if isinstance(layer_ids, str):
+        layer_ids = _import_path(layer_ids, "layer_ids")
+    if layer_ids is None or isinstance(layer_ids, Mapping) or callable(layer_ids):
+        return layer_ids  # its entries are checked when the layers are assigned
+    raise TypeError(
+        f"`layer_ids` must be a dict `{{name pattern: layer id}}` or a callable `(name) -> layer id`; got"
+        f" {layer_ids!r} of type `{type(layer_ids).__name__}`."
+    )
 
 
 def _check_l1(rules: object) -> tuple[RuleKey, ...]:

@@ -98,3 +98,28 @@ def assert_same_training(
     )
     for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+class ShrinkByHand:
+    """Base of reference optimizers that apply weight decay by hand: before each step, every parameter with a
+    gradient is shrunk by ``1 - lr * shrink * mask`` (the group's ``lr`` and ``shrink``, 0 when absent; the
+    parameter's mask from ``masks``, 1 when absent), then the optimizer's own update runs with its own
+    ``weight_decay`` left at 0. Gradients must be final when ``step()`` is called (no closure)."""
+
+    def __init__(self, params: Any, masks: dict[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)  # type: ignore[call-arg]
+        self.masks_by_hand = {id(p): m for p, m in (masks or {}).items()}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        assert closure is None, "the reference decays before the update: call backward first, then step()"
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group.get("shrink", 0.0) * self.masks_by_hand.get(id(p), 1.0))
+        return super().step()  # type: ignore[misc]
+
+
+class AdamWByHand(ShrinkByHand, torch.optim.AdamW):
+    """AdamW whose (masked) decoupled decay ``p *= 1 - lr * wd * mask`` is written out by hand: give each group its
+    ``wd`` as ``shrink`` and ``weight_decay=0.0``."""
