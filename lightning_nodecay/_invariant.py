@@ -28,7 +28,16 @@ from typing import Any
 from torch.optim import Optimizer
 
 from lightning_nodecay._naming import group_name, listed
-from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, PARAMS, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._schema import (
+    HOOK_WEIGHT_DECAY,
+    LR,
+    LR_FAMILY,
+    PARAMS,
+    PENALTY,
+    WEIGHT_DECAY,
+    WEIGHT_DECAY_MULTIPLIER,
+    Penalty,
+)
 from lightning_nodecay._semantics import own_decay_keys
 from lightning_nodecay.groups import DecayDecision, decided_group_name
 from lightning_nodecay.hook import WeightDecayHook
@@ -44,6 +53,8 @@ class _GroupPlan:
     multiplier: float | None
     names: tuple[str, ...]
     hooked: bool
+    #: the learning-rate multiplier its parameters share, when the rules declare learning-rate multipliers
+    lr_multiplier: float | None = None
 
 
 def effective_decay(group: Mapping[str, Any]) -> float:
@@ -120,6 +131,7 @@ class DecayInvariant:
     def _plan(self, optimizer: Optimizer) -> list[_GroupPlan]:
         hook = WeightDecayHook.of(optimizer)
         hooked = set(hook.hooked_groups) if hook is not None else set()
+        lr_declared = any(d.lr_multiplier != 1 or d.layer is not None for d in self._decisions.values())
         plans = []
         for index, group in enumerate(optimizer.param_groups):
             decided = [self._decisions[id(p)] for p in group[PARAMS] if id(p) in self._decisions]
@@ -129,8 +141,21 @@ class DecayInvariant:
             self._check_membership(optimizer, index, decided, kinds, hook)
             multiplier = next(iter(kinds))[0] if len(kinds) == 1 else _MIXED
             names = tuple(d.name for d in decided[:5])
-            plans.append(_GroupPlan(index, multiplier, names, index in hooked))
+            lr_multiplier = self._shared_lr(optimizer, index, decided) if lr_declared else None
+            plans.append(_GroupPlan(index, multiplier, names, index in hooked, lr_multiplier))
         return plans
+
+    def _shared_lr(self, optimizer: Optimizer, index: int, decided: Sequence[DecayDecision]) -> float:
+        """The one learning-rate multiplier of the group's parameters, or a clear error."""
+        multipliers = {d.lr_multiplier for d in decided}
+        if len(multipliers) > 1:
+            found = ", ".join(f"`{d.name}` x{d.lr_multiplier:g} ({d.lr_reason})" for d in _one_per_lr(decided))
+            raise ValueError(
+                f"Param group `{group_name(optimizer.param_groups[index], index)}` of `{type(optimizer).__name__}`"
+                f" mixes parameters whose declared learning rates differ ({found}), so one of them would train at"
+                f" the wrong rate. {self._fix()}"
+            )
+        return multipliers.pop()
 
     def _check_membership(
         self,
@@ -202,6 +227,29 @@ class DecayInvariant:
             if plan.multiplier:
                 bases.append((plan, decay / plan.multiplier))
         self._check_one_base(optimizer, bases)
+        self._check_lr(optimizer)
+
+    def _check_lr(self, optimizer: Optimizer) -> None:
+        """Within each family of groups (``lr_family``), one base learning rate: ``lr / lr_multiplier`` agrees."""
+        groups, label = optimizer.param_groups, type(optimizer).__name__
+        families: dict[str, tuple[_GroupPlan, float]] = {}
+        for plan in self._plans:
+            if plan.lr_multiplier is None:
+                continue
+            group = groups[plan.index]
+            base = float(group[LR]) / plan.lr_multiplier
+            first = families.setdefault(str(group.get(LR_FAMILY, "")), (plan, base))
+            if not math.isclose(base, first[1], rel_tol=1e-6, abs_tol=1e-15):
+                one, other = groups[first[0].index], group
+                raise ValueError(
+                    f"The param groups of `{label}` no longer train at their declared learning-rate ratios:"
+                    f" `{group_name(one, first[0].index)}` has lr {one[LR]:g} (x{first[0].lr_multiplier:g}, base"
+                    f" {first[1]:g}) but `{group_name(other, plan.index)}` has lr {other[LR]:g}"
+                    f" (x{plan.lr_multiplier:g}, base {base:g}). Something set the groups' learning rates alike"
+                    " instead of scaling them from each group's own: `OneCycleLR` with one `max_lr` (pass one per"
+                    " group: base x `lr_multiplier`), `ReduceLROnPlateau` reaching one `min_lr` (pass one per group),"
+                    f" or a callback. {self._fix()}"
+                )
 
     def _check_one_base(self, optimizer: Optimizer, bases: list[tuple[_GroupPlan, float]]) -> None:
         groups, label = optimizer.param_groups, type(optimizer).__name__
@@ -247,6 +295,13 @@ def _one_per_kind(decided: Sequence[DecayDecision]) -> list[DecayDecision]:
     seen: dict[str, DecayDecision] = {}
     for decision in decided:
         seen.setdefault(decided_group_name(decision.multiplier, decision.penalty), decision)
+    return list(seen.values())
+
+
+def _one_per_lr(decided: Sequence[DecayDecision]) -> list[DecayDecision]:
+    seen: dict[float, DecayDecision] = {}
+    for decision in decided:
+        seen.setdefault(decision.lr_multiplier, decision)
     return list(seen.values())
 
 

@@ -22,12 +22,25 @@ from torch.optim import Optimizer
 
 from lightning_nodecay._naming import group_name, listed
 from lightning_nodecay._remap import per_group_lists
-from lightning_nodecay._schema import NAME, PARAMS, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._schema import (
+    LR,
+    LR_MULTIPLIER,
+    NAME,
+    PARAMS,
+    PENALTY,
+    WEIGHT_DECAY,
+    WEIGHT_DECAY_MULTIPLIER,
+    Penalty,
+)
 from lightning_nodecay._semantics import exclude_own_decay
 from lightning_nodecay.groups import DecayDecision, decided_group_name, group_order
 
-#: A decision without its parameter: ``(multiplier, penalty)``.
-_Kind = tuple[float, Penalty]
+#: A decision without its parameter: ``(multiplier, penalty, lr multiplier)``.
+_Kind = tuple[float, Penalty, float]
+#: The key LR schedulers add to each group: the learning rate their schedule starts from (torch's own).
+_INITIAL_LR = "initial_lr"
+#: Per-group lists of LR schedulers that hold learning rates, scaled with a new group's learning rate.
+_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
 
 
 def split_by_decisions(
@@ -66,37 +79,48 @@ def split_by_decisions(
         [('decay', 0.1), ('no_decay', 0.0)]
     """
     by_param = {id(d.param): d for d in decisions}
-    default = optimizer.defaults.get(WEIGHT_DECAY)
+    lr_declared = any(d.lr_multiplier != 1 or d.layer is not None for d in by_param.values())
     messages = []
     for index, group in enumerate(list(optimizer.param_groups)):
-        if not group.get(WEIGHT_DECAY):
+        decayed = bool(group.get(WEIGHT_DECAY))
+        if not decayed and not lr_declared:
             continue
-        decided = [(p, (d.multiplier, d.penalty)) for p in group[PARAMS] if (d := by_param.get(id(p))) is not None]
-        own = _own_kind(group, {kind for _, kind in decided}, default)
+        decided = [(p, by_param[id(p)]) for p in group[PARAMS] if id(p) in by_param]
+        own = _own_kind(optimizer, group, [d for _, d in decided])
         moving: dict[_Kind, list[nn.Parameter]] = {}
-        for param, kind in decided:
+        for param, d in decided:
+            kind = (d.multiplier, d.penalty, d.lr_multiplier) if decayed else (*own[:2], d.lr_multiplier)
             if kind != own:
                 moving.setdefault(kind, []).append(param)
         if moving:
-            ordered = dict(sorted(moving.items(), key=lambda item: group_order(item[0])))
-            messages += _split(optimizer, index, own, ordered, by_param, schedulers)
+            ordered = dict(sorted(moving.items(), key=lambda item: (item[0][2], group_order(item[0][:2]))))
+            messages += _split(optimizer, index, own, ordered, by_param, schedulers, lr_declared)
     exclude_own_decay(optimizer)
     return messages
 
 
-def _own_kind(group: dict[str, Any], kinds: set[_Kind], default: float | None) -> _Kind:
-    """The decision a decayed group stands for: its ``weight_decay_multiplier``; else the one multiplier its decayed
-    parameters share; else the multiplier that gives its ``weight_decay`` from the optimizer's default; else 1."""
-    penalty: Penalty = group.get(PENALTY, "l2")
-    if WEIGHT_DECAY_MULTIPLIER in group:
-        return group[WEIGHT_DECAY_MULTIPLIER], penalty
-    decayed = {multiplier for multiplier, _ in kinds if multiplier}
-    if len(decayed) == 1:
-        return decayed.pop(), penalty
-    for multiplier in sorted(decayed):
-        if default and math.isclose(multiplier * default, group[WEIGHT_DECAY]):
-            return multiplier, penalty
-    return 1.0, penalty
+def _own_kind(optimizer: Optimizer, group: dict[str, Any], decided: list[DecayDecision]) -> _Kind:
+    """The decision a group stands for: the multipliers it carries; else the one multiplier its (decayed)
+    parameters share; else the multiplier that gives its value from the optimizer's default; else 1."""
+    multiplier = group.get(WEIGHT_DECAY_MULTIPLIER)
+    if multiplier is None:
+        decayed = {d.multiplier for d in decided if d.multiplier}
+        multiplier = _factor(decayed, group.get(WEIGHT_DECAY), optimizer.defaults.get(WEIGHT_DECAY))
+    lr_multiplier = group.get(LR_MULTIPLIER)
+    if lr_multiplier is None:
+        shared = {d.lr_multiplier for d in decided}
+        lr_multiplier = _factor(shared, group.get(LR), optimizer.defaults.get(LR))
+    return multiplier, group.get(PENALTY, "l2"), lr_multiplier
+
+
+def _factor(candidates: set[float], value: float | None, default: float | None) -> float:
+    """The one candidate multiplier, else the one that gives ``value`` from ``default``, else 1."""
+    if len(candidates) == 1:
+        return candidates.pop()
+    for candidate in sorted(candidates):
+        if default and value is not None and math.isclose(candidate * default, value):
+            return candidate
+    return 1.0
 
 
 def _split(
@@ -106,10 +130,12 @@ def _split(
     moving: dict[_Kind, list[nn.Parameter]],
     by_param: dict[int, DecayDecision],
     schedulers: Iterable[Any],
+    lr_declared: bool,
 ) -> list[str]:
     """Move the ``moving`` parameters of group ``index`` to a group per kind; the last kind may keep the group."""
     group = optimizer.param_groups[index]
-    base = group[WEIGHT_DECAY] / own[0] if own[0] else group[WEIGHT_DECAY]
+    template = dict(group)  # what every new group copies, as the group was before this split
+    base = (group.get(WEIGHT_DECAY, 0.0) / own[0] if own[0] else group.get(WEIGHT_DECAY, 0.0), own[2])
     label = group_name(group, index)
     prefix = label if NAME in group or len(optimizer.param_groups) > 1 else ""
     what = f"{type(optimizer).__name__} group `{label}`"
@@ -117,30 +143,41 @@ def _split(
     kept = [p for p in group[PARAMS] if id(p) not in moved]
     if kept or len(moving) > 1:
         _refuse_per_group_caches(optimizer)
-    messages = []
+    messages, converted = [], None
     if kept:
         group[PARAMS], group[NAME] = kept, prefix or _named("", own)
-    else:  # the whole group is of other kinds: the last kind keeps it, under its name
-        kind, params = moving.popitem()
-        _set_kind(group, kind, base)
-        messages.append(f"{what}: {_moved(params, kind, by_param)}: the whole group, set its {_describe(group)}")
+        if lr_declared:
+            group[LR_MULTIPLIER] = own[2]
+    else:  # the whole group is of other kinds: the last kind keeps it
+        converted, params = moving.popitem()
+        group[PARAMS], group[NAME] = params, group.get(NAME) or _named(prefix, converted)
+        _set_kind(group, converted, base, lr_declared)
+        messages.append(f"{what}: {_moved(params, converted, by_param)}: the whole group, set its {_describe(group)}")
     for kind, params in moving.items():
-        new_group = {**group, PARAMS: params, NAME: _named(prefix, kind)}
-        _set_kind(new_group, kind, base)
+        new_group = {**template, PARAMS: params, NAME: _named(prefix, kind)}
+        _set_kind(new_group, kind, base, lr_declared)
         optimizer.add_param_group(new_group)
-        _extend_schedulers(optimizer, schedulers, index)
+        _extend_schedulers(optimizer, schedulers, index, kind[2] / own[2])
         messages.append(
             f"{what}: {_moved(params, kind, by_param)} to new group `{new_group[NAME]}` with {_describe(new_group)}"
         )
+    if converted is not None and lr_declared:
+        _scale_schedulers(optimizer, schedulers, index, converted[2] / own[2])
     return messages
 
 
-def _set_kind(group: dict[str, Any], kind: _Kind, base: float) -> None:
-    multiplier, penalty = kind
-    group.update({WEIGHT_DECAY: multiplier * base, WEIGHT_DECAY_MULTIPLIER: multiplier})
+def _set_kind(group: dict[str, Any], kind: _Kind, base: tuple[float, float], lr_declared: bool) -> None:
+    """Give ``group`` the decay (and learning rate) of ``kind``: multiplier x the base of the group it came from."""
+    multiplier, penalty, lr_multiplier = kind
+    group.update({WEIGHT_DECAY: multiplier * base[0], WEIGHT_DECAY_MULTIPLIER: multiplier})
     group.pop(PENALTY, None)
     if penalty != "l2" and multiplier:
         group[PENALTY] = penalty
+    if lr_declared:
+        scale = lr_multiplier / base[1]
+        group.update({LR_MULTIPLIER: lr_multiplier, LR: group[LR] * scale})
+        if _INITIAL_LR in group:
+            group[_INITIAL_LR] *= scale
 
 
 def _named(prefix: str, kind: _Kind) -> str:
@@ -176,14 +213,26 @@ def _refuse_per_group_caches(optimizer: Optimizer) -> None:
         )
 
 
-def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int) -> None:
+def _scale_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], index: int, lr_scale: float) -> None:
+    """Scale the learning rates that ``optimizer``'s schedulers keep for group ``index`` by ``lr_scale``."""
+    for scheduler in schedulers:
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        _scale_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), index, lr_scale)
+        for key, values in per_group_lists(vars(scheduler), len(optimizer.param_groups)).items():
+            if key in _LR_LISTS:
+                values[index] *= lr_scale
+
+
+def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: int, lr_scale: float) -> None:
     """Give the per-group lists of ``optimizer``'s schedulers (nested ones too) an entry for the group just added.
 
-    The new group copies group ``source``; lists a nested scheduler shares with its parent grow once.
+    The new group copies group ``source``, its learning rates scaled by ``lr_scale``; lists a nested scheduler
+    shares with its parent grow once.
     """
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is not optimizer:
             continue
-        _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source)
-        for values in per_group_lists(vars(scheduler), len(optimizer.param_groups) - 1).values():
-            values.append(values[source])
+        _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source, lr_scale)
+        for key, values in per_group_lists(vars(scheduler), len(optimizer.param_groups) - 1).items():
+            values.append(values[source] * lr_scale if key in _LR_LISTS else values[source])

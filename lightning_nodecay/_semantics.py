@@ -93,21 +93,25 @@ def accepts_weight_decay(optimizer: Optimizer) -> bool:
         return False
 
 
-def base_weight_decay(optimizer: Optimizer, given: Sequence[Mapping[str, Any]]) -> float | None:
-    """The base ``weight_decay`` of an optimizer built on the groups ``given``: its default, else the value it
-    filled into a decayed group given without one (``None`` when neither tells).
+def base_option(
+    optimizer: Optimizer, given: Sequence[Mapping[str, Any]], key: str, multiplier_key: str
+) -> float | None:
+    """The base value of option ``key`` (``weight_decay``, ``lr``) of an optimizer built on the groups ``given``.
+
+    Its default, else the value it filled into a group given without one whose multiplier (``multiplier_key``)
+    is not 0; ``None`` when neither tells.
 
     Example:
         >>> import torch
         >>> groups = [{"params": [torch.zeros(1, requires_grad=True)]}]
-        >>> base_weight_decay(torch.optim.AdamW(groups, weight_decay=0.05), groups)
+        >>> base_option(torch.optim.AdamW(groups, weight_decay=0.05), groups, "weight_decay", "weight_decay_multiplier")
         0.05
     """
-    if WEIGHT_DECAY in optimizer.defaults:
-        return float(optimizer.defaults[WEIGHT_DECAY])
+    if key in optimizer.defaults:
+        return float(optimizer.defaults[key])
     for group, built in zip(given, optimizer.param_groups, strict=False):
-        if WEIGHT_DECAY not in group and group.get(WEIGHT_DECAY_MULTIPLIER, 1.0) and WEIGHT_DECAY in built:
-            return float(built[WEIGHT_DECAY])
+        if key not in group and group.get(multiplier_key, 1.0) and key in built:
+            return float(built[key])
     return None
 
 

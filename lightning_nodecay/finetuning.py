@@ -21,7 +21,7 @@ from lightning_nodecay._invariant import current_base
 from lightning_nodecay._lightning import BackboneFinetuning, BaseFinetuning
 from lightning_nodecay._log import log
 from lightning_nodecay._naming import clean_name, group_name
-from lightning_nodecay._schema import LR, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay._schema import LR, LR_FAMILY, LR_MULTIPLIER, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
 from lightning_nodecay._semantics import accepts_weight_decay, exclude_own_decay
 from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions
 from lightning_nodecay.mixin import NoDecayMixin
@@ -93,11 +93,15 @@ def unfreeze_and_add_param_groups(
     params = list(BaseFinetuning.filter_params(modules, train_bn=train_bn, requires_grad=True))
     new = _new_decisions(params, optimizer, _decisions(pl_module, rules))
     groups = groups_from_decisions(new)
-    names = _new_group_names(name, pl_module, modules, optimizer, [g[NAME] for g in groups])
-    base_lr = optimizer.param_groups[0][LR] / initial_denom_lr if lr is None else float(lr)
-    for group, new_name in zip(groups, names, strict=True):
-        group[NAME], group[LR] = new_name, base_lr
+    kinds = [g[NAME] for g in groups]
+    prefix = _new_group_prefix(name, pl_module, modules, optimizer, kinds)
+    first = optimizer.param_groups[0]
+    base_lr = first[LR] / first.get(LR_MULTIPLIER, 1.0) / initial_denom_lr if lr is None else float(lr)
+    for group, kind in zip(groups, kinds, strict=True):
+        group[NAME], group[LR] = f"{prefix}_{kind}", base_lr * group.get(LR_MULTIPLIER, 1.0)
         group[WEIGHT_DECAY] = group[WEIGHT_DECAY_MULTIPLIER] * base
+        if LR_MULTIPLIER in group:  # their own base learning rate: a family of their own
+            group[LR_FAMILY] = prefix
         optimizer.add_param_group(group)
     exclude_own_decay(optimizer)
     if groups:
@@ -149,9 +153,10 @@ def _in_optimizer(optimizer: Optimizer) -> set[int]:
     return {id(p) for g in optimizer.param_groups for p in g[PARAMS]}
 
 
-def _new_group_names(
+def _new_group_prefix(
     name: str | None, pl_module: nn.Module, modules: Modules, optimizer: Optimizer, kinds: list[str]
-) -> list[str]:
+) -> str:
+    """The prefix of the new groups' names: ``name``, else the module's path, numbered to keep names unique."""
     taken = {group_name(g, i) for i, g in enumerate(optimizer.param_groups)}
     if name is not None:
         clash = [f"{name}_{k}" for k in kinds if f"{name}_{k}" in taken]
@@ -160,13 +165,13 @@ def _new_group_names(
                 f"The optimizer already has a group named `{clash[0]}`; pass another `name` to"
                 " `unfreeze_and_add_param_groups` so every group keeps a unique name."
             )
-        return [f"{name}_{k}" for k in kinds]
+        return name
     base = _module_path(pl_module, modules) or "unfrozen"
     candidate, n = base, 1
     while any(f"{candidate}_{k}" in taken for k in kinds):
         n += 1
         candidate = f"{base}_{n}"
-    return [f"{candidate}_{k}" for k in kinds]
+    return candidate
 
 
 def _module_path(pl_module: nn.Module, modules: Modules) -> str:
@@ -259,5 +264,7 @@ class NoDecayBackboneFinetuning(NoDecayFinetuning, BackboneFinetuning):
         # Lightning sets the backbone lr on the last group only
         backbone = [g for g in optimizer.param_groups if str(g.get(NAME, "")).startswith("backbone_")]
         if backbone and any(g is optimizer.param_groups[-1] for g in backbone):
+            last = optimizer.param_groups[-1]
+            base_lr = last[LR] / last.get(LR_MULTIPLIER, 1.0)
             for group in backbone:
-                group[LR] = optimizer.param_groups[-1][LR]
+                group[LR] = base_lr * group.get(LR_MULTIPLIER, 1.0)

@@ -20,13 +20,14 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from lightning_nodecay._checkpoint import LayoutPolicy
 from lightning_nodecay._lifecycle import FitLifecycle, _as_module, attach_declared_hook
 from lightning_nodecay._naming import group_name, listed, param_names
-from lightning_nodecay._schema import NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
-from lightning_nodecay._semantics import DecayStyle, accepts_weight_decay, base_weight_decay, exclude_own_decay
-from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions, resolve_multipliers
+from lightning_nodecay._schema import LR, LR_MULTIPLIER, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
+from lightning_nodecay._semantics import DecayStyle, accepts_weight_decay, base_option, exclude_own_decay
+from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions, resolve_lr, resolve_multipliers
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,
     DEFAULT_NO_DECAY_PARAM_NAMES,
     GroupRules,
+    LayerIds,
     ModuleRule,
     RuleKey,
 )
@@ -43,6 +44,9 @@ _RULE_ATTRIBUTES = (
     "no_decay_param_names",
     "weight_decay_multipliers",
     "weight_decay_l1",
+    "lr_multipliers",
+    "layer_decay",
+    "layer_ids",
     "strict",
 )
 _DEFAULT_RULES = GroupRules()
@@ -82,6 +86,9 @@ class NoDecayMixin:
         weight_decay_multipliers: ``{pattern or module type: multiplier}`` of the base decay.
         weight_decay_l1: patterns or module types whose decayed parameters get an L1 penalty
             instead of L2 (see :func:`~lightning_nodecay.attach_weight_decay_hook`).
+        lr_multipliers: ``{pattern or module type: multiplier}`` of the base learning rate.
+        layer_decay: layer-wise learning-rate decay (see :class:`~lightning_nodecay.GroupRules`).
+        layer_ids: the model's own layer ids for ``layer_decay``: ``{name pattern: id}`` or ``(name) -> id``.
         strict: raise when a declared name pattern matches no parameter.
         decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
             decay; needed for masks and L1 with optimizers outside ``torch.optim``.
@@ -116,6 +123,9 @@ class NoDecayMixin:
     no_decay_param_names: Sequence[str] = DEFAULT_NO_DECAY_PARAM_NAMES
     weight_decay_multipliers: Mapping[RuleKey, float] = {}
     weight_decay_l1: Sequence[RuleKey] = ()
+    lr_multipliers: Mapping[RuleKey, float] = {}
+    layer_decay: float | None = None
+    layer_ids: LayerIds | None = None
     strict: bool = True
     decay_style: DecayStyle | None = None
     check_weight_decay: bool = True
@@ -302,15 +312,19 @@ class NoDecayMixin:
 
 
 def _resolve(optimizer: Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Give multiplier groups their ``weight_decay``: multiplier x the optimizer's base."""
-    base = base_weight_decay(optimizer, groups)
-    if base is not None:
-        resolve_multipliers(optimizer.param_groups, base)
-    elif any(g.get(WEIGHT_DECAY_MULTIPLIER, 1.0) not in (0, 1) and WEIGHT_DECAY not in g for g in groups):
-        raise ValueError(
-            f"`{type(optimizer).__name__}` shows no base `weight_decay` (not in its defaults, not filled into the"
-            " groups), so multiplier groups cannot be given multiplier x base. Pass `weight_decay=` to the optimizer."
-        )
+    """Give multiplier groups their ``weight_decay`` and ``lr``: multiplier x the optimizer's base."""
+    for key, multiplier_key, resolve in (
+        (WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, resolve_multipliers),
+        (LR, LR_MULTIPLIER, resolve_lr),
+    ):
+        base = base_option(optimizer, groups, key, multiplier_key)
+        if base is not None:
+            resolve(optimizer.param_groups, base)
+        elif any(g.get(multiplier_key, 1.0) not in (0, 1) and key not in g for g in groups):
+            raise ValueError(
+                f"`{type(optimizer).__name__}` shows no base `{key}` (not in its defaults, not filled into the"
+                f" groups), so multiplier groups cannot be given multiplier x base. Pass `{key}=` to the optimizer."
+            )
 
 
 def _parent(module: NoDecayMixin) -> Any:

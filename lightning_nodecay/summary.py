@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_nodecay._hook_checks import Masks
 from lightning_nodecay._invariant import effective_decay
 from lightning_nodecay._naming import group_name, listed
-from lightning_nodecay._schema import NAME, PARAMS
+from lightning_nodecay._schema import LR, NAME, PARAMS
 from lightning_nodecay.groups import DecayDecision, groups_from_decisions
 
 
@@ -30,6 +30,9 @@ class GroupSummary:
         effective_multiplier: element-weighted mean multiplier of the group, masks included.
         weight_decay: the group's effective weight decay (``weight_decay`` + ``hook_weight_decay``), when the
             summary describes an optimizer's groups.
+        lr_multiplier: factor of the optimizer's base ``lr`` (layer decay x ``lr_multipliers``); ``None`` when
+            the group holds parameters the rules give different learning rates.
+        lr: the group's learning rate, when the summary describes an optimizer's groups.
 
     Example:
         >>> from torch import nn
@@ -46,6 +49,8 @@ class GroupSummary:
     mask_share: float = 0.0
     effective_multiplier: float | None = None
     weight_decay: float | None = None
+    lr_multiplier: float | None = 1.0
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,15 @@ class DecaySummary:
         """Render as a table, like Lightning's ``ModelSummary``."""
         masked = any(g.mask_share for g in self.groups)
         valued = any(g.weight_decay is not None for g in self.groups)
-        header = ("", "Group", "Decay") + (("Weight decay",) if valued else ()) + ("Tensors", "Elements")
+        with_lr = any(g.lr_multiplier != 1 for g in self.groups)
+        header = ("", "Group", "Decay") + (("Weight decay",) if valued else ())
+        header += (("LR",) + (("Learning rate",) if valued else ()) if with_lr else ()) + ("Tensors", "Elements")
         rows = [header + (("Masked",) if masked else ())]
         for i, g in enumerate(self.groups):
-            value = (f"{g.weight_decay:g}" if g.weight_decay is not None else "",) if valued else ()
+            value = (_value(g.weight_decay),) if valued else ()
+            lr = (_times(g.lr_multiplier),) + ((_value(g.lr),) if valued else ()) if with_lr else ()
             share = (f"{g.mask_share:.0%}" if g.mask_share else "",) if masked else ()
-            rows.append((str(i), g.name, _decay(g), *value, str(g.tensors), _human(g.elements), *share))
+            rows.append((str(i), g.name, _decay(g), *value, *lr, str(g.tensors), _human(g.elements), *share))
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(" |") for row in rows]
         lines.insert(1, "-" * len(lines[0]))
@@ -89,6 +97,14 @@ class DecaySummary:
                 f"These are the optimizer's own groups; the rules alone would give {', '.join(self.rules_groups)}."
             )
         return "\n".join(lines)
+
+
+def _value(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _times(multiplier: float | None) -> str:
+    return "mixed" if multiplier is None else f"x{multiplier:.4g}"
 
 
 def _decay(group: GroupSummary) -> str:
@@ -158,6 +174,9 @@ def summarize(
     for d in decisions:
         if id(d.param) in mask_means:
             reasons.setdefault("per-element mask", []).append(d.name)
+    for d in decisions:
+        if d.lr_reason != "default":
+            reasons.setdefault(f"lr x{d.lr_multiplier:.4g}: {d.lr_reason}", []).append(d.name)
     differ = groups is not None and _layout(groups) != _layout(rules_groups)
     return DecaySummary(summaries, reasons, tuple(g[NAME] for g in rules_groups) if differ else ())
 
@@ -172,8 +191,10 @@ def _group_summary(
     params = list(group[PARAMS])
     sizes = [_numel(p) for p in params]
     elements = sum(sizes)
-    kinds = {(d.multiplier, d.penalty) for p in params if (d := by_param.get(id(p))) is not None}
+    decided = [d for p in params if (d := by_param.get(id(p))) is not None]
+    kinds = {(d.multiplier, d.penalty) for d in decided}
     multiplier, penalty = next(iter(kinds)) if len(kinds) == 1 else (None, "l2")
+    lr_multipliers = {d.lr_multiplier for d in decided}
     masked = sum(n for p, n in zip(params, sizes, strict=True) if id(p) in masks)
     weighted = sum(n * masks.get(id(p), 1.0) for p, n in zip(params, sizes, strict=True))
     return GroupSummary(
@@ -185,6 +206,8 @@ def _group_summary(
         mask_share=masked / elements if masked else 0.0,
         effective_multiplier=multiplier * weighted / elements if masked and multiplier is not None else None,
         weight_decay=effective_decay(group) if real else None,
+        lr_multiplier=lr_multipliers.pop() if len(lr_multipliers) == 1 else None,
+        lr=float(group[LR]) if real and LR in group else None,
     )
 
 
