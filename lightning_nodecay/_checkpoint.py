@@ -20,8 +20,10 @@ from lightning_nodecay._layout import Layout, LayoutDiff, LayoutMismatchError, c
 from lightning_nodecay._naming import group_name
 from lightning_nodecay._remap import (
     WEIGHTS_ONLY,
+    lr_scale,
     remap_optimizer_state,
     remap_scheduler_state,
+    scale_scheduler_state,
     source_groups,
     with_current_decisions,
 )
@@ -88,13 +90,38 @@ def resume_layouts(
         )
     if LAYOUTS not in checkpoint:
         _check_unlabelled(states, optimizers, currents)
+        _rescale_schedulers(checkpoint, optimizers, schedulers, [None] * len(optimizers))
         return _restore_decisions(states, optimizers)
     saved = [Layout.from_state(s) for s in checkpoint[LAYOUTS]]
     diffs = [compare_layouts(s, c) for s, c in zip(saved, currents, strict=True)]
     if any(diffs) and (on_layout_change == "error" or not restorable):
         raise LayoutMismatchError(_mismatch_message(diffs, restorable))
+    sources = [source_groups(d.saved, d.current) if d else None for d in diffs]
+    _rescale_schedulers(checkpoint, optimizers, schedulers, sources)
     messages = _remap_changed(checkpoint, optimizers, diffs, schedulers)
     return messages + _restore_decisions(states, optimizers)
+
+
+def _rescale_schedulers(
+    checkpoint: dict[str, Any], optimizers: Sequence[Any], schedulers: Sequence[Any], sources: list[Any]
+) -> None:
+    """Scale the saved schedulers' per-group learning rates by the change of each group's lr multiplier.
+
+    Runs before the remap, on the saved state's own group order; ``sources`` (per optimizer, ``None`` for an
+    unchanged layout) say which saved group each current group continues.
+    """
+    states = checkpoint.get(LR_SCHEDULERS) or []
+    for optimizer, state, source in zip(optimizers, checkpoint[OPTIMIZER_STATES], sources, strict=True):
+        saved = state[_PARAM_GROUPS]
+        scales = [1.0] * len(saved)
+        for current, origin in zip(optimizer.param_groups, source or range(len(saved)), strict=False):
+            if origin is not None:
+                scales[origin] = lr_scale(saved[origin], current)
+        if all(scale == 1 for scale in scales):
+            continue
+        for j, (scheduler, scheduler_state) in enumerate(zip(schedulers, states, strict=False)):
+            if getattr(scheduler, "optimizer", None) is optimizer:
+                states[j] = scale_scheduler_state(scheduler_state, scales)
 
 
 def _remap_changed(

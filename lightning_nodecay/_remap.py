@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_nodecay._layout import Layout
-from lightning_nodecay._schema import DECISION_KEYS, NAME, PARAMS
+from lightning_nodecay._schema import DECISION_KEYS, INITIAL_LR, LR, LR_MULTIPLIER, NAME, PARAMS
 
+#: Per-group lists of LR schedulers that hold learning rates (scaled with a group's learning-rate multiplier).
+LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
 #: Attributes of ``torch.optim.lr_scheduler`` schedulers, and keys of their ``state_dict()``, that hold one entry
 #: per param group.
 _PER_GROUP_KEYS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
@@ -122,13 +124,44 @@ def with_current_decisions(saved: Mapping[str, Any], current: Mapping[str, Any])
     The optimizer's trajectory (``lr``, ``betas``, ...) stays as saved; ``weight_decay``, its multiplier, the hook's
     decay, the penalty and the mask share become those of ``current``, and decision keys it lacks are dropped.
 
+    A changed learning-rate multiplier (another ``layer_decay`` or ``lr_multipliers``) rescales the saved ``lr``
+    and ``initial_lr``: the schedule's position stays, the ratio becomes the current one (:func:`lr_scale`).
+
     Example:
         >>> saved = {"lr": 0.5, "weight_decay": 0.0, "hook_weight_decay": 0.2}
         >>> with_current_decisions(saved, {"lr": 1.0, "weight_decay": 0.1})
         {'lr': 0.5, 'weight_decay': 0.1}
+        >>> with_current_decisions({"lr": 0.5, "lr_multiplier": 0.5}, {"lr": 1.0, "lr_multiplier": 0.25})
+        {'lr': 0.25, 'lr_multiplier': 0.25}
     """
+    scale = lr_scale(saved, current)
     kept = {key: value for key, value in saved.items() if key not in DECISION_KEYS}
+    for key in (LR, INITIAL_LR):
+        if key in kept and scale != 1:
+            kept[key] *= scale
     return {**kept, **{key: current[key] for key in DECISION_KEYS if key in current}}
+
+
+def lr_scale(saved: Mapping[str, Any], current: Mapping[str, Any]) -> float:
+    """How much the current rules change a saved group's learning rate: current over saved ``lr_multiplier``."""
+    return float(current.get(LR_MULTIPLIER, 1.0)) / float(saved.get(LR_MULTIPLIER, 1.0))
+
+
+def scale_scheduler_state(state: Mapping[str, Any], scales: Sequence[float]) -> dict[str, Any]:
+    """An LR scheduler's ``state_dict`` with the learning rates it keeps per group scaled by ``scales`` (nested too).
+
+    Example:
+        >>> scale_scheduler_state({"base_lrs": [0.1, 0.2], "_last_lr": [0.1, 0.2], "last_epoch": 3}, [1.0, 0.5])
+        {'base_lrs': [0.1, 0.1], '_last_lr': [0.1, 0.1], 'last_epoch': 3}
+    """
+    out = dict(state)
+    for key, values in per_group_lists(state, len(scales)).items():
+        if key in LR_LISTS:
+            out[key] = [value * scale for value, scale in zip(values, scales, strict=True)]
+    nested = state.get("_schedulers")
+    if isinstance(nested, list):
+        out["_schedulers"] = [scale_scheduler_state(s, scales) for s in nested]
+    return out
 
 
 def _hyperparameters(current: Mapping[str, Any], source: Mapping[str, Any] | None) -> dict[str, Any]:

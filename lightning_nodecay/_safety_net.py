@@ -21,8 +21,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_nodecay._naming import group_name, listed
-from lightning_nodecay._remap import per_group_lists
+from lightning_nodecay._remap import LR_LISTS, per_group_lists
 from lightning_nodecay._schema import (
+    INITIAL_LR,
     LR,
     LR_MULTIPLIER,
     NAME,
@@ -37,10 +38,6 @@ from lightning_nodecay.groups import DecayDecision, decided_group_name, group_or
 
 #: A decision without its parameter: ``(multiplier, penalty, lr multiplier)``.
 _Kind = tuple[float, Penalty, float]
-#: The key LR schedulers add to each group: the learning rate their schedule starts from (torch's own).
-_INITIAL_LR = "initial_lr"
-#: Per-group lists of LR schedulers that hold learning rates, scaled with a new group's learning rate.
-_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
 
 
 def split_by_decisions(
@@ -176,8 +173,8 @@ def _set_kind(group: dict[str, Any], kind: _Kind, base: tuple[float, float], lr_
     if lr_declared:
         scale = lr_multiplier / base[1]
         group.update({LR_MULTIPLIER: lr_multiplier, LR: group[LR] * scale})
-        if _INITIAL_LR in group:
-            group[_INITIAL_LR] *= scale
+        if INITIAL_LR in group:
+            group[INITIAL_LR] *= scale
 
 
 def _named(prefix: str, kind: _Kind) -> str:
@@ -220,7 +217,7 @@ def _scale_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], index: in
             continue
         _scale_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), index, lr_scale)
         for key, values in per_group_lists(vars(scheduler), len(optimizer.param_groups)).items():
-            if key in _LR_LISTS:
+            if key in LR_LISTS:
                 values[index] *= lr_scale
 
 
@@ -235,4 +232,4 @@ def _extend_schedulers(optimizer: Optimizer, schedulers: Iterable[Any], source: 
             continue
         _extend_schedulers(optimizer, getattr(scheduler, "_schedulers", ()), source, lr_scale)
         for key, values in per_group_lists(vars(scheduler), len(optimizer.param_groups) - 1).items():
-            values.append(values[source] * lr_scale if key in _LR_LISTS else values[source])
+            values.append(values[source] * lr_scale if key in LR_LISTS else values[source])

@@ -22,6 +22,9 @@ PARAMS = "params"
 NAME = "name"
 #: Param-group key (torch's own): the learning rate. Written by fine-tuning; read by the hook (decoupled style).
 LR = "lr"
+#: Param-group key (torch's LR schedulers' own): the learning rate a schedule starts from. Scaled with ``lr`` by
+#: the safety net and the resume when a group's learning-rate multiplier changes.
+INITIAL_LR = "initial_lr"
 #: Param-group key (torch's own): the decay the *optimizer* applies; 0 in hooked groups. Written by ``groups``,
 #: the safety net, the hook and fine-tuning; read by the optimizer, the monitor, the safety net and the hook.
 WEIGHT_DECAY = "weight_decay"
@@ -67,6 +70,7 @@ class ParamGroup(TypedDict, total=False):
     params: list[Tensor]
     name: str
     lr: float
+    initial_lr: float
     weight_decay: float
     weight_decay_multiplier: float
     hook_weight_decay: float

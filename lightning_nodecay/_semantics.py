@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 from torch.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RAdam, RMSprop
 
 from lightning_nodecay._naming import group_name
-from lightning_nodecay._schema import LR, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._schema import INITIAL_LR, LR, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
 from lightning_nodecay.groups import DecayDecision
 
 #: How an optimizer applies weight decay: added to the gradient (``"coupled"``), shrinking the weights by
@@ -195,7 +195,7 @@ def step_value(
     lr = float(group[LR])
     if style == "decoupled":
         return lr * weight_decay
-    initial = getattr(optimizer, "_init_lr", None) or group.get("initial_lr") or reference_lr
+    initial = getattr(optimizer, "_init_lr", None) or group.get(INITIAL_LR) or reference_lr
     return lr / float(initial) * weight_decay
 
 

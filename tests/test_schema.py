@@ -57,6 +57,7 @@ def test_schema_param_group_type_lists_every_group_key():
         _schema.NAME,
         _schema.LR,
         _schema.LR_FAMILY,
+        _schema.INITIAL_LR,
         *_schema.DECISION_KEYS,
     }
     assert set(_schema.ParamGroup.__annotations__) == group_keys
