@@ -67,7 +67,9 @@ class LayerAssignment:
         return decay ** (self.num_layers - 1 - self.ids[name])
 
 
-def assign_layers(module: nn.Module, declared: LayerIds | None = None) -> LayerAssignment:
+def assign_layers(
+    module: nn.Module, declared: LayerIds | None = None, trainable: Sequence[str] | None = None
+) -> LayerAssignment:
     """Give every parameter of ``module`` a layer id, from the first source that applies.
 
     * ``declared`` (when not ``None``): pattern keys are matched against the cleaned name, first
@@ -93,6 +95,8 @@ def assign_layers(module: nn.Module, declared: LayerIds | None = None) -> LayerA
     Args:
         module: the model; pure wrappers around it are looked through.
         declared: the model's own declaration of layer ids, if any.
+        trainable: the cleaned names of the trainable parameters, in ``named_parameters()`` order, when the
+            caller has them (``decide``): then only these get ids, and the parameters are not walked again.
 
     Returns:
         The ids, ``num_layers`` (largest id plus one, so the top layer that has parameters gets
@@ -116,7 +120,10 @@ def assign_layers(module: nn.Module, declared: LayerIds | None = None) -> LayerA
         1
     """
     root = unwrap(module)
-    named = [(clean_name(name), param.requires_grad) for name, param in root.named_parameters()]
+    if trainable is None:
+        named = [(clean_name(name), param.requires_grad) for name, param in root.named_parameters()]
+    else:
+        named = [(name, True) for name in trainable]
     if not named:
         raise ValueError(f"`{type(root).__name__}` has no parameters, so it has no layers to decay.")
     if declared is not None:
@@ -331,16 +338,16 @@ def _find_block_list(root: nn.Module) -> tuple[str, dict[str, int], int] | None:
 
 def _from_block_list(names: Sequence[str], list_name: str, positions: dict[str, int], depth: int) -> LayerAssignment:
     prefix = f"{list_name}."
+    blocks = {child: (position + 1, f"block `{prefix}{child}`") for child, position in positions.items()}
+    before, beyond = (0, f"before `{list_name}`"), (depth + 1, f"after `{list_name}`")
     ids: dict[str, int] = {}
     sources: dict[str, str] = {}
     after = False
     for name in names:
-        child = name[len(prefix) :].partition(".")[0] if name.startswith(prefix) else None
-        if child in positions:
-            ids[name], sources[name] = positions[child] + 1, f"block `{prefix}{child}`"
+        block = blocks.get(name[len(prefix) :].partition(".")[0]) if name.startswith(prefix) else None
+        if block is not None:
             after = True
-        else:
-            ids[name], sources[name] = (depth + 1, f"after `{list_name}`") if after else (0, f"before `{list_name}`")
+        ids[name], sources[name] = block or (beyond if after else before)
     return _assignment(ids, sources, "blocks")
 
 

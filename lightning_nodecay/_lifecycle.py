@@ -135,7 +135,11 @@ class FitLifecycle(Callback):
         """Check the invariant now, and before every step of ``optimizer`` (fresh decisions when membership changed)."""
         invariant = DecayInvariant(lambda: self.decisions(module), culprit=_CULPRIT)
         invariant.check(optimizer)
-        self._guards.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: invariant.check(opt)))
+        hook = WeightDecayHook.of(optimizer)
+        if hook is not None:  # before the hook's decay, which runs at once when `step` gets no closure (AMP)
+            self._guards.append(hook.add_check(invariant.check))
+        else:
+            self._guards.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: invariant.check(opt)))
 
     def _remove_guards(self) -> None:
         for handle in self._guards:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,15 +193,19 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
     return list(decisions.values())
 
 
-def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Iterable[DecayDecision]) -> None:
+def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Collection[DecayDecision]) -> None:
     """Scale every decision's learning rate by its layer's ``layer_decay ** (n - 1 - layer)``."""
-    layers = assign_layers(module, rules.layer_ids)
-    decay = float(rules.layer_decay or 1.0)
+    layers = assign_layers(module, rules.layer_ids, trainable=[d.name for d in decisions])
+    decay, top = float(rules.layer_decay or 1.0), layers.num_layers - 1
+    scales = [decay ** (top - layer) for layer in range(layers.num_layers)]
+    reasons: dict[tuple[int, str], str] = {}  # one string per layer and source, not per parameter
     for decision in decisions:
-        layer = layers.ids[decision.name]
-        where = f"layer {layer} of {layers.num_layers} ({layers.sources[decision.name]})"
+        layer, source = layers.ids[decision.name], layers.sources[decision.name]
+        where = reasons.get((layer, source))
+        if where is None:
+            where = reasons[layer, source] = f"layer {layer} of {layers.num_layers} ({source})"
         decision.layer = layer
-        decision.lr_multiplier *= layers.scale(decision.name, decay)
+        decision.lr_multiplier *= scales[layer]
         decision.lr_reason = where if decision.lr_reason == "default" else f"{where}, {decision.lr_reason}"
 
 
@@ -342,21 +346,26 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
     Order: by layer under layer decay, else the groups at the base learning rate first; then by learning-rate
     multiplier, then ``decay``, ``no_decay``, weight-decay multipliers up, L1 groups last.
     """
-    by_kind: dict[_Kind, list[DecayDecision]] = {}
+    by_kind: dict[_Kind, list[nn.Parameter]] = {}
+    layers: dict[_Kind, int | None] = {}
+    mixed = -1  # the layer of a group whose parameters are in several layers
     for decision in decisions:
-        by_kind.setdefault((decision.multiplier, decision.penalty, decision.lr_multiplier), []).append(decision)
-    layers = {kind: _shared_layer(members) for kind, members in by_kind.items()}
-    order = sorted(by_kind, key=lambda kind: _kind_order(kind, layers[kind]))
-    names = _unique_names({kind: decided_group_name(*kind, layers[kind]) for kind in order})
-    with_lr = any(kind[2] != 1 or layers[kind] is not None for kind in order)
+        kind = (decision.multiplier, decision.penalty, decision.lr_multiplier)
+        members = by_kind.get(kind)
+        if members is None:
+            members = by_kind[kind] = []
+            layers[kind] = decision.layer
+        elif layers[kind] != decision.layer:
+            layers[kind] = mixed
+        members.append(decision.param)
+    shared = {kind: None if layer == mixed else layer for kind, layer in layers.items()}
+    order = sorted(by_kind, key=lambda kind: _kind_order(kind, shared[kind]))
+    names = _unique_names({kind: decided_group_name(*kind, shared[kind]) for kind in order})
+    with_lr = any(kind[2] != 1 or shared[kind] is not None for kind in order)
     groups = []
     for kind in order:
         multiplier, penalty, lr_multiplier = kind
-        group: dict[str, Any] = {
-            NAME: names[kind],
-            PARAMS: [d.param for d in by_kind[kind]],
-            WEIGHT_DECAY_MULTIPLIER: multiplier,
-        }
+        group: dict[str, Any] = {NAME: names[kind], PARAMS: by_kind[kind], WEIGHT_DECAY_MULTIPLIER: multiplier}
         if multiplier == 0:
             group[WEIGHT_DECAY] = 0.0
         if penalty == "l1":
@@ -369,11 +378,6 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
 
 #: A group's decision: ``(multiplier, penalty, lr multiplier)``.
 _Kind = tuple[float, Penalty, float]
-
-
-def _shared_layer(decisions: list[DecayDecision]) -> int | None:
-    layers = {d.layer for d in decisions}
-    return layers.pop() if len(layers) == 1 else None
 
 
 def _kind_order(kind: _Kind, layer: int | None) -> tuple[Any, ...]:

@@ -30,6 +30,7 @@ parameter's device and dtype (``model.to(...)``) at the next step.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from lightning_nodecay._hook_checks import HookNames, Masks, check_mask, check_placement
 from lightning_nodecay._kernels import KERNELS
@@ -149,6 +151,7 @@ class WeightDecayHook:
             hooked.convert(optimizer.param_groups[hooked.index])
         #: how many ``optimizer.step()`` calls the hook ran for (nested ``super().step()`` calls count once)
         self.steps = 0
+        self._checks: OrderedDict[int, Callable[[Optimizer], None]] = OrderedDict()  # weakly referenced by handles
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_state_dict_post_hook(self._save),
@@ -212,9 +215,17 @@ class WeightDecayHook:
                 if batch.masks is not None:
                     yield from zip(batch.params, batch.masks, strict=True)
 
+    def add_check(self, check: Callable[[Optimizer], None]) -> RemovableHandle:
+        """Run ``check(optimizer)`` before every step, before the hook decays anything (it may raise to refuse)."""
+        handle = RemovableHandle(self._checks)
+        self._checks[handle.id] = check
+        return handle
+
     def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if nested_step(optimizer):  # a subclass's `super().step()`: the outer call decays, once
             return None
+        for check in list(self._checks.values()):
+            check(optimizer)
         self.steps += 1
         closure = kwargs.get("closure")
         positional = closure is None and len(args) > 1 and callable(args[1])

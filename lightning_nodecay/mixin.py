@@ -217,9 +217,10 @@ class NoDecayMixin:
             )
         groups = _materialize(self.configure_param_groups())
         self._check_groups(groups)
+        given = [dict(g) for g in groups]  # the optimizer fills its defaults into the dicts it is given
         optimizer = build(groups)
-        self._check_optimizer(optimizer, groups)
-        _resolve(optimizer, groups)
+        self._check_optimizer(optimizer, given)
+        _resolve(optimizer, given)
         exclude_own_decay(optimizer)
         attach_declared_hook(self, optimizer, self.weight_decay_decisions())
         schedule = self._declared("lr_scheduler")

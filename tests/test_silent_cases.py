@@ -18,6 +18,7 @@ import torch
 from fits import fit_with_checkpoints, log_lines, run_cli, trainer_kwargs
 from models import RandomDataset, TanhNet
 from oracles import AdamWByHand, ShrinkByHand, assert_close, train
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -145,7 +146,8 @@ def test_case01_resume_without_masks_gives_plain_decay_back(tmp_path, nodecay_lo
     optimizer = trainer.optimizers[0]
     decay = optimizer.param_groups[0]
     assert (decay["name"], decay["weight_decay"]) == ("decay", WD)
-    assert "hook_weight_decay" not in decay and "weight_decay_mask_share" not in decay
+    assert "hook_weight_decay" not in decay
+    assert "weight_decay_mask_share" not in decay
     assert WeightDecayHook.of(optimizer) is None
     assert log_lines(nodecay_log, "the checkpoint's weight-decay masks are not used")
     check_step(recorder, 0, SGD_PLAIN)  # `head.weight` decays whole, by lr * wd, not by its old mask
@@ -263,6 +265,32 @@ def test_case04_later_changes_to_the_groups_caught_before_the_next_step(tmp_path
     assert_unchanged(model, callback.weights)
 
 
+class ScalesTheMaskedGroupAlone(pl.Callback):
+    """At step 1, multiplies the masked `decay_x2` group's `hook_weight_decay` by 5 (not proportional to `decay`),
+    and records the weights then."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == 1:
+            trainer.optimizers[0].param_groups[2]["hook_weight_decay"] *= 5
+            self.weights = weights(pl_module)
+
+
+def test_case04_later_change_caught_before_the_masked_decay_under_amp(tmp_path):
+    """Test that under AMP's GradScaler (which calls `optimizer.step()` without a closure) a later change to a masked
+    group is caught before the step hook applies its decoupled decay, so no weight changes at that step."""
+    model = Masked(ADAMW, weight_decay_multipliers={"head.weight": 2.0})
+    callback = ScalesTheMaskedGroupAlone()
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, plugins=[plugin], callbacks=[callback]))
+    with pytest.raises(ValueError, match=r"no longer share one base weight decay: `decay` 0.5 \(x1\), `decay_x2` 5"):
+        trainer.fit(model)
+    assert callback.weights
+    assert_unchanged(model, callback.weights)
+
+
 # 5 -------------------------------------------------------------------------------------------------------------
 class HandWrittenSchedule(pl.Callback):
     """From step 1, sets `weight_decay = wd * multiplier` on every group, as a hand-written decay schedule does."""
@@ -300,9 +328,7 @@ class LayerWise(Net):
         for i, layer in enumerate((self.body, self.head)):
             lr = LR / (i + 1)
             groups.append({"name": f"layer{i}_decay", "params": [layer.weight], "lr": lr})
-            groups.append(
-                {"name": f"layer{i}_no_decay", "params": [layer.bias], "lr": lr, "weight_decay": 0.0}
-            )
+            groups.append({"name": f"layer{i}_no_decay", "params": [layer.bias], "lr": lr, "weight_decay": 0.0})
         return groups
 
 
@@ -391,16 +417,17 @@ def test_case08_hook_applied_once_through_a_subclass_step(tmp_path):
     for closure in (False, True):
         net, reference = TanhNet(), TanhNet()
         optimizer = MyAdamW(net.parameters(), lr=0.01, weight_decay=WD)  # ... and MyAdamW.step
-        assert getattr(torch.optim.AdamW.step, "hooked", False) and getattr(MyAdamW.step, "hooked", False)
+        assert getattr(torch.optim.AdamW.step, "hooked", False)
+        assert getattr(MyAdamW.step, "hooked", False)
         hook = attach_weight_decay_hook(optimizer, {"w": mask}, module=net, decay_style="decoupled")
         train(net, optimizer, steps=10, closure=closure)
         by_hand = AdamWByHand(
             [{"params": reference.parameters(), "shrink": WD}], masks={reference.w: mask}, lr=0.01, weight_decay=0.0
         )
         train(reference, by_hand, steps=10)
-        assert hook.steps == 10
         assert_close(net.w, reference.w)
         assert_close(net.v, reference.v)
+        assert hook.steps == 10
 
     recorder = StepRecorder()
     model = Masked(functools.partial(MyAdamW, lr=LR, weight_decay=WD), decay_style="decoupled")
@@ -523,7 +550,12 @@ def test_case11_optimizer_with_weight_decay_outside_its_defaults_is_built(tmp_pa
     check_step(
         recorder,
         0,
-        {"body.weight": decoupled(WD), "body.bias": decoupled(0), "head.weight": decoupled(2 * WD), "head.bias": decoupled(0)},
+        {
+            "body.weight": decoupled(WD),
+            "body.bias": decoupled(0),
+            "head.weight": decoupled(2 * WD),
+            "head.bias": decoupled(0),
+        },
     )
 
 
@@ -554,7 +586,9 @@ def test_case12_asgd_own_shrink_off_for_excluded_parameters(tmp_path, built_by):
         return lambda w, g: w * (1 - lambd * LR) - LR * (g + wd * w)
 
     decayed, excluded = asgd(LAMBD, WD), asgd(0.0, 0.0)
-    check_step(recorder, 0, {"body.weight": decayed, "body.bias": excluded, "head.weight": decayed, "head.bias": excluded})
+    check_step(
+        recorder, 0, {"body.weight": decayed, "body.bias": excluded, "head.weight": decayed, "head.bias": excluded}
+    )
 
 
 # 13 ------------------------------------------------------------------------------------------------------------
@@ -621,6 +655,8 @@ def test_case13_independent_decay_style_recognised_and_followed(tmp_path):
 
     net = TanhNet()
     optimizer = LionLike(net.parameters(), lr=lr0, weight_decay=wd)
-    with pytest.raises(ValueError, match=r"`decay_style='decoupled'` contradicts `LionLike`, whose weight decay is independent"):
+    with pytest.raises(
+        ValueError, match=r"`decay_style='decoupled'` contradicts `LionLike`, whose weight decay is independent"
+    ):
         attach_weight_decay_hook(optimizer, {"w": mask}, module=net, decay_style="decoupled")
     assert optimizer.param_groups[0]["weight_decay"] == wd  # untouched
