@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from lightning_nodecay.mixin import NoDecayMixin
     from lightning_nodecay.monitor import WeightNormMonitor
+    from lightning_nodecay.schedule import WeightDecayScheduler
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ _LIGHTNING_GLUE = {
     "NoDecayBackboneFinetuning": "lightning_nodecay.finetuning",
     "NoDecayFinetuning": "lightning_nodecay.finetuning",
     "unfreeze_and_add_param_groups": "lightning_nodecay.finetuning",
+    "WeightDecayScheduler": "lightning_nodecay.schedule",
 }
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "NoDecayFinetuning",
     "NoDecayMixin",
     "WeightDecayHook",
+    "WeightDecayScheduler",
     "WeightNormMonitor",
     "attach_weight_decay_hook",
     "decide",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning
 
@@ -45,6 +45,19 @@ def _merged(path: str) -> type:
     return found[0] if len(found) == 1 else type(attribute, found, {"__module__": __name__})
 
 
+def logged_step(trainer: Any) -> int | None:
+    """The step this batch's metrics are logged under, or ``None`` when the batch is not a logging step.
+
+    Lightning logs ``self.log`` values, and ``LearningRateMonitor`` its learning rates, under the number of
+    batches that stepped the optimizers so far (not ``global_step``, which counts every optimizer's steps
+    under manual optimization), on the batches where that number plus one is a multiple of
+    ``log_every_n_steps``. The count is only reachable as the fit loop's ``_batches_that_stepped``.
+    """
+    every: int = trainer.log_every_n_steps
+    step: int = trainer.fit_loop.epoch_loop._batches_that_stepped
+    return step if every and (step + 1) % every == 0 else None
+
+
 if TYPE_CHECKING:
     from pytorch_lightning.callbacks import BackboneFinetuning, BaseFinetuning, Callback
 else:
@@ -52,4 +65,4 @@ else:
     BaseFinetuning = _merged("callbacks.BaseFinetuning")
     BackboneFinetuning = _merged("callbacks.BackboneFinetuning")
 
-__all__ = ["NAMESPACES", "BackboneFinetuning", "BaseFinetuning", "Callback"]
+__all__ = ["NAMESPACES", "BackboneFinetuning", "BaseFinetuning", "Callback", "logged_step"]

@@ -30,7 +30,7 @@ CORE = (
     "_layer_ids",
     "_schedules",
 )
-GLUE = ("_lightning", "_lifecycle", "_checkpoint", "mixin", "monitor", "finetuning")
+GLUE = ("_lightning", "_lifecycle", "_checkpoint", "mixin", "monitor", "finetuning", "schedule")
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")
 
 
