@@ -1,11 +1,15 @@
 """LightningCLI with the mixin: optimizer and scheduler from the command line, and the CLI's own `--optimizer` flag."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from fits import log_lines, run_cli
 from models import BoringModel, TwoLayerModel
+from pytorch_lightning.cli import OptimizerCallable
+from torch import nn
+from torch.utils.data import DataLoader
 
-from lightning_nodecay import NoDecayMixin
+from lightning_nodecay import GroupRules, NoDecayMixin
 
 pytest.importorskip("jsonargparse")  # LightningCLI's parser
 
@@ -64,3 +68,55 @@ def test_cli_own_optimizer_flag_kept_in_check_by_safety_net(tmp_path, nodecay_lo
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == [0.01, 0.01]
     assert log_lines(nodecay_log, "safety net: AdamW group `pg1`: moved 1 excluded tensor")
+
+
+class RulesModel(NoDecayMixin, pl.LightningModule):
+    """Rules, optimizer and scheduler all `__init__` arguments, as LightningCLI YAML declares them."""
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, group_rules: GroupRules | None = None) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 2)
+        self.optimizer = optimizer
+        self.group_rules = group_rules
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.head(self.embedding(batch)).pow(2).mean()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(8).repeat(2), batch_size=4)
+
+
+def test_cli_yaml_declares_group_rules(tmp_path):
+    """Test that a YAML file declares exclusions by import path and multipliers, and they reach the groups."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n"
+        "  optimizer:\n"
+        "    class_path: torch.optim.AdamW\n"
+        "    init_args: {lr: 0.01, weight_decay: 0.2}\n"
+        "  group_rules:\n"
+        "    no_decay_module_types: [torch.nn.Embedding, lightning_nodecay.norm_by_class_name]\n"
+        "    no_decay_param_names: [bias]\n"
+        "    weight_decay_multipliers: {'head.weight': 3.0}\n"
+    )
+    cli = run_cli(RulesModel, tmp_path, f"--config={config}")
+    groups = {g["name"]: (g["weight_decay"], len(g["params"])) for g in cli.trainer.optimizers[0].param_groups}
+    assert groups == {"no_decay": (0.0, 2), "decay_x3": (pytest.approx(0.6), 1)}
+    assert cli.model.configure_group_rules().no_decay_module_types[0] is nn.Embedding
+
+
+def test_cli_yaml_declares_lr_multipliers(tmp_path):
+    """Test that a YAML file declares learning-rate rules, and each group's lr follows them."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n"
+        "  optimizer:\n"
+        "    class_path: torch.optim.SGD\n"
+        "    init_args: {lr: 0.1}\n"
+        "  group_rules:\n"
+        "    lr_multipliers: {torch.nn.Embedding: 0.5}\n"
+    )
+    cli = run_cli(RulesModel, tmp_path, f"--config={config}")
+    lrs = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
+    assert lrs == {"decay": 0.1, "no_decay": 0.1, "decay_lr_x0.5": pytest.approx(0.05)}
