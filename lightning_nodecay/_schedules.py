@@ -29,7 +29,34 @@ ScheduleSpec: TypeAlias = float | Schedule
 
 
 @dataclass(frozen=True)
-class CosineSchedule:
+class _Ramp:
+    """Linear warm-up, then a ramp from ``start`` to ``end`` over the remaining steps; ``end`` after them."""
+
+    start: float
+    end: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_weight_decays(start=self.start, end=self.end, warmup_start=self.warmup_start)
+        _check_steps(self.total_steps, self.warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        """The weight decay at ``step``."""
+        if _check_step(step) < self.warmup_steps:
+            return _warmup(step, self.warmup_steps, self.warmup_start, self.start)
+        if step >= self.total_steps:
+            return float(self.end)
+        done, length = step - self.warmup_steps, self.total_steps - self.warmup_steps
+        return _between(self._ramp(done / length), self.start, self.end)
+
+    def _ramp(self, fraction: float) -> float:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CosineSchedule(_Ramp):
     """Linear warm-up, then a cosine from ``start`` to ``end``; built by :func:`cosine`, which documents it.
 
     Example:
@@ -37,29 +64,12 @@ class CosineSchedule:
         True
     """
 
-    start: float
-    end: float
-    total_steps: int
-    warmup_steps: int = 0
-    warmup_start: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_weight_decays(start=self.start, end=self.end, warmup_start=self.warmup_start)
-        _check_steps(self.total_steps, self.warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        """The weight decay at ``step``."""
-        if _check_step(step) < self.warmup_steps:
-            return _warmup(step, self.warmup_steps, self.warmup_start, self.start)
-        if step >= self.total_steps:
-            return float(self.end)
-        done, length = step - self.warmup_steps, self.total_steps - self.warmup_steps
-        value = self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * done / length))
-        return _between(value, self.start, self.end)
+    def _ramp(self, fraction: float) -> float:
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * fraction))
 
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class LinearSchedule(_Ramp):
     """Linear warm-up, then a line from ``start`` to ``end``; built by :func:`linear`, which documents it.
 
     Example:
@@ -67,24 +77,8 @@ class LinearSchedule:
         True
     """
 
-    start: float
-    end: float
-    total_steps: int
-    warmup_steps: int = 0
-    warmup_start: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_weight_decays(start=self.start, end=self.end, warmup_start=self.warmup_start)
-        _check_steps(self.total_steps, self.warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        """The weight decay at ``step``."""
-        if _check_step(step) < self.warmup_steps:
-            return _warmup(step, self.warmup_steps, self.warmup_start, self.start)
-        if step >= self.total_steps:
-            return float(self.end)
-        done, length = step - self.warmup_steps, self.total_steps - self.warmup_steps
-        return _between(self.start + (self.end - self.start) * done / length, self.start, self.end)
+    def _ramp(self, fraction: float) -> float:
+        return self.start + (self.end - self.start) * fraction
 
 
 @dataclass(frozen=True)
