@@ -90,38 +90,41 @@ def resume_layouts(
         )
     if LAYOUTS not in checkpoint:
         _check_unlabelled(states, optimizers, currents)
-        _rescale_schedulers(checkpoint, optimizers, schedulers, [None] * len(optimizers))
+        scales = [_lr_scales(state, optimizer, None) for state, optimizer in zip(states, optimizers, strict=True)]
+        _rescale_schedulers(checkpoint, optimizers, schedulers, scales)
         return _restore_decisions(states, optimizers)
     saved = [Layout.from_state(s) for s in checkpoint[LAYOUTS]]
     diffs = [compare_layouts(s, c) for s, c in zip(saved, currents, strict=True)]
     if any(diffs) and (on_layout_change == "error" or not restorable):
         raise LayoutMismatchError(_mismatch_message(diffs, restorable))
     sources = [source_groups(d.saved, d.current) if d else None for d in diffs]
-    _rescale_schedulers(checkpoint, optimizers, schedulers, sources)
+    scales = [_lr_scales(s, o, src) for s, o, src in zip(states, optimizers, sources, strict=True)]
     messages = _remap_changed(checkpoint, optimizers, diffs, schedulers)
+    _rescale_schedulers(checkpoint, optimizers, schedulers, scales)
     return messages + _restore_decisions(states, optimizers)
 
 
-def _rescale_schedulers(
-    checkpoint: dict[str, Any], optimizers: Sequence[Any], schedulers: Sequence[Any], sources: list[Any]
-) -> None:
-    """Scale the saved schedulers' per-group learning rates by the change of each group's lr multiplier.
+def _lr_scales(state: Mapping[str, Any], optimizer: Any, sources: Sequence[int | None] | None) -> list[float]:
+    """Per current group, how much its lr multiplier changed from the saved group it continues (``sources``)."""
+    saved = state[_PARAM_GROUPS]
+    origins = sources if sources is not None else range(len(saved))
+    return [
+        lr_scale(saved[origin], current) if origin is not None else 1.0
+        for current, origin in zip(optimizer.param_groups, origins, strict=False)
+    ]
 
-    Runs before the remap, on the saved state's own group order; ``sources`` (per optimizer, ``None`` for an
-    unchanged layout) say which saved group each current group continues.
-    """
+
+def _rescale_schedulers(
+    checkpoint: dict[str, Any], optimizers: Sequence[Any], schedulers: Sequence[Any], scales: list[list[float]]
+) -> None:
+    """Scale the saved schedulers' per-group learning rates (in the current groups' order) by ``scales``."""
     states = checkpoint.get(LR_SCHEDULERS) or []
-    for optimizer, state, source in zip(optimizers, checkpoint[OPTIMIZER_STATES], sources, strict=True):
-        saved = state[_PARAM_GROUPS]
-        scales = [1.0] * len(saved)
-        for current, origin in zip(optimizer.param_groups, source or range(len(saved)), strict=False):
-            if origin is not None:
-                scales[origin] = lr_scale(saved[origin], current)
-        if all(scale == 1 for scale in scales):
+    for optimizer, optimizer_scales in zip(optimizers, scales, strict=True):
+        if all(scale == 1 for scale in optimizer_scales):
             continue
         for j, (scheduler, scheduler_state) in enumerate(zip(schedulers, states, strict=False)):
             if getattr(scheduler, "optimizer", None) is optimizer:
-                states[j] = scale_scheduler_state(scheduler_state, scales)
+                states[j] = scale_scheduler_state(scheduler_state, optimizer_scales)
 
 
 def _remap_changed(

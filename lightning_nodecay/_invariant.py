@@ -247,8 +247,10 @@ class DecayInvariant:
                     f" {first[1]:g}) but `{group_name(other, plan.index)}` has lr {other[LR]:g}"
                     f" (x{plan.lr_multiplier:g}, base {base:g}). Something set the groups' learning rates alike"
                     " instead of scaling them from each group's own: `OneCycleLR` with one `max_lr` (pass one per"
-                    " group: base x `lr_multiplier`), `ReduceLROnPlateau` reaching one `min_lr` (pass one per group),"
-                    f" or a callback. {self._fix()}"
+                    " group: base x `lr_multiplier`), `ReduceLROnPlateau` reaching one `min_lr` or"
+                    " `CosineAnnealingLR` reaching one `eta_min` (pass per-group values, or 0), Lightning's"
+                    " `LearningRateFinder` callback inside the fit (run `Tuner(trainer).lr_find` before `fit`"
+                    f" instead), or a callback. {self._fix()}"
                 )
 
     def _check_one_base(self, optimizer: Optimizer, bases: list[tuple[_GroupPlan, float]]) -> None:

@@ -261,10 +261,9 @@ class NoDecayBackboneFinetuning(NoDecayFinetuning, BackboneFinetuning):
     def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
         """Unfreeze or schedule the backbone as ``BackboneFinetuning``, on every backbone group."""
         super().finetune_function(pl_module, epoch, optimizer)
-        # Lightning sets the backbone lr on the last group only
-        backbone = [g for g in optimizer.param_groups if str(g.get(NAME, "")).startswith("backbone_")]
-        if backbone and any(g is optimizer.param_groups[-1] for g in backbone):
-            last = optimizer.param_groups[-1]
-            base_lr = last[LR] / last.get(LR_MULTIPLIER, 1.0)
-            for group in backbone:
-                group[LR] = base_lr * group.get(LR_MULTIPLIER, 1.0)
+        if epoch <= self.unfreeze_backbone_at_epoch:  # the groups were just added at their own lrs
+            return
+        # Lightning sets its backbone lr on the last group only: every backbone group gets it x its multiplier
+        for group in optimizer.param_groups:
+            if str(group.get(NAME, "")).startswith("backbone_"):
+                group[LR] = self.previous_backbone_lr * group.get(LR_MULTIPLIER, 1.0)

@@ -269,13 +269,28 @@ def _check_all_patterns_match(patterns: list[tuple[str, str]], names: list[str])
     for pattern, argument in patterns:
         single = NamePatterns((pattern,), argument)
         if not any(single.match(name) for name in names):
-            close = difflib.get_close_matches(pattern, names, n=3)
+            close = difflib.get_close_matches(pattern, _candidates(pattern, names), n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
             raise ValueError(
                 f"`{argument}` pattern `{pattern}` matches no parameter of the model.{hint}"
                 " Fix the pattern, or pass `GroupRules(..., strict=False)` (mixin: `strict = False`) if the"
                 " parameter is legitimately absent from this model."
             )
+
+
+def _candidates(pattern: str, names: list[str]) -> list[str]:
+    """What a mistyped ``pattern`` may have meant: names, and names in its shape (its wildcard segments kept)."""
+    if "." not in pattern:
+        return sorted({name.rpartition(".")[2] for name in names})
+    segments = pattern.split(".")
+    shaped = {
+        ".".join(
+            segment if any(c in segment for c in "*?[") else part for segment, part in zip(segments, parts, strict=True)
+        )
+        for parts in (name.split(".") for name in names)
+        if len(parts) == len(segments) and "**" not in segments
+    }
+    return sorted(shaped) + names
 
 
 def param_groups(

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_nodecay import NoDecayMixin
 
@@ -162,3 +162,80 @@ def norm_mlp() -> nn.Sequential:
     """``Linear(4, 4) -> LayerNorm(4) -> Linear(4, 2)``, seeded: two decayed weights, four excluded tensors."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+
+class Attention(nn.Module):
+    """timm's (and MAE's) ViT attention: one ``qkv`` Linear, one ``proj`` Linear."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class ViTBlock(nn.Module):
+    """A pre-norm transformer block: LayerNorm, attention, LayerNorm, MLP."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.norm2, self.mlp = (
+            nn.LayerNorm(dim),
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTClassifier(pl.LightningModule):
+    """A small ViT laid out like MAE's (timm's): ``cls_token``, ``pos_embed`` and ``patch_embed`` before ``blocks``
+    (4 by default), then ``norm`` and ``head``. 1x8x8 images in 2x2 patches (16 tokens + the class token), 10 classes;
+    random images and labels, 4 batches of 4 per epoch unless ``batches`` says otherwise."""
+
+    def __init__(self, depth: int = 4, dim: int = 8, classes: int = 10, batches: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(1, dim, 2, stride=2)
+        self.blocks = nn.Sequential(*(ViTBlock(dim) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        self.batches = batches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(0)
+        x, y = (
+            torch.rand(4 * self.batches, 1, 8, 8, generator=gen),
+            torch.randint(0, 10, (4 * self.batches,), generator=gen),
+        )
+        return DataLoader(TensorDataset(x.to(self.dtype), y), batch_size=4)
+
+
+class NoDecayViT(NoDecayMixin, ViTClassifier):
+    """``ViTClassifier`` with the mixin, AdamW(lr=0.01, weight_decay=0.05), and the mixin attributes given (rules,
+    ``lr_scheduler``, ``lr_scheduler_config``, ...)."""
+
+    def __init__(self, batches: int = 4, **declarations: Any) -> None:
+        super().__init__(batches=batches)
+        self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.05)
+        for name, value in declarations.items():
+            setattr(self, name, value)

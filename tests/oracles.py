@@ -123,3 +123,49 @@ class ShrinkByHand:
 class AdamWByHand(ShrinkByHand, torch.optim.AdamW):
     """AdamW whose (masked) decoupled decay ``p *= 1 - lr * wd * mask`` is written out by hand: give each group its
     ``wd`` as ``shrink`` and ``weight_decay=0.0``."""
+
+
+# -- MAE's layer-wise lr decay (util/lr_decay.py of facebookresearch/mae, after BEiT), transcribed ---------------
+
+
+def mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's ``get_layer_id_for_vit``: tokens and patch embedding 0, ``blocks.i`` ``i + 1``, the rest ``num_layers``."""
+    if name in ["cls_token", "pos_embed"] or name.startswith("patch_embed"):
+        return 0
+    elif name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    else:
+        return num_layers
+
+
+def mae_param_groups_lrd(
+    model: nn.Module, weight_decay: float = 0.05, no_weight_decay_list: Any = (), layer_decay: float = 0.75
+) -> list[dict[str, Any]]:
+    """MAE's ``param_groups_lrd``: groups ``layer_{id}_{decay|no_decay}`` with ``lr_scale`` and ``weight_decay``;
+    no decay for every 1-D parameter and the names in ``no_weight_decay_list``. Its training loop then sets each
+    group's ``lr`` to the scheduled lr x ``lr_scale`` (``util/lr_sched.py``)."""
+    param_groups: dict[str, dict[str, Any]] = {}
+    num_layers = len(model.blocks) + 1  # type: ignore[arg-type]
+    layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 1 or n in no_weight_decay_list:
+            g_decay, this_decay = "no_decay", 0.0
+        else:
+            g_decay, this_decay = "decay", weight_decay
+        layer_id = mae_layer_id(n, num_layers)
+        group_name = f"layer_{layer_id}_{g_decay}"
+        if group_name not in param_groups:
+            param_groups[group_name] = {"lr_scale": layer_scales[layer_id], "weight_decay": this_decay, "params": []}
+        param_groups[group_name]["params"].append(p)
+    return list(param_groups.values())
+
+
+def mae_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """The ``lr_scale`` MAE's :func:`mae_param_groups_lrd` gives each parameter, by name."""
+    scales = {}
+    for group in mae_param_groups_lrd(model, layer_decay=layer_decay):
+        for p in group["params"]:
+            scales[id(p)] = group["lr_scale"]
+    return {n: scales[id(p)] for n, p in model.named_parameters()}

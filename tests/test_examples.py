@@ -80,3 +80,20 @@ def test_prelu_digits_slopes_kept_without_decay(tmp_path):
         with open(tmp_path / "out" / run / "version_0" / "metrics.csv") as f:
             header = f.readline().strip().split(",")
         assert {"weight_2.0_norm/decay", "weight_2.0_norm/no_decay", "lr-AdamW/decay"} <= set(header)
+
+
+def test_vit_llrd_example_groups_follow_the_layers(tmp_path):
+    """Test the LLRD example: the fit-start summary has one lr per layer, and at the end every group's lr is the top
+    layer's lr x 0.75 ** (layers above it)."""
+    result = run_example("vit_llrd.py", "--quick", cwd=tmp_path)
+    assert "lr x0.2373: layer 0 of 6 (before `blocks`): 4 tensors (cls_token, pos_embed, patch_embed.weight," in (
+        result.stderr
+    )
+    assert "name pattern `cls_token`: 1 tensor (cls_token)" in result.stderr
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("  layer")]
+    assert [line[0] for line in lines] == [f"layer{i}_{kind}" for i in range(6) for kind in ("decay", "no_decay")]
+    lrs = {line[0]: float(line[5].removeprefix("lr=")) for line in lines}
+    for name, lr in lrs.items():
+        assert lr == pytest.approx(lrs["layer5_decay"] * 0.75 ** (5 - int(name[5])), rel=1e-2), name
+    assert {line[6] for line in lines} == {"weight_decay=0.05", "weight_decay=0.0"}
+    assert "fine-tuned on all ten digits: validation accuracy" in result.stdout

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import mae_layer_id, mae_scales
 from torch import nn
 
 from lightning_nodecay._layer_ids import LayerAssignment, assign_layers
@@ -60,26 +61,6 @@ class TimmViT(ViT):
 
 def names_of(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters()]
-
-
-# -- oracle: MAE's util/lr_decay.py (after BEiT), transcribed -------------------------------------
-
-
-def mae_layer_id(name: str, num_layers: int) -> int:
-    """MAE's `get_layer_id_for_vit`."""
-    if name in ["cls_token", "pos_embed"] or name.startswith("patch_embed"):
-        return 0
-    elif name.startswith("blocks"):
-        return int(name.split(".")[1]) + 1
-    else:
-        return num_layers
-
-
-def mae_scales(model: ViT, layer_decay: float) -> dict[str, float]:
-    """The `lr_scale` MAE's `param_groups_lrd` gives each parameter."""
-    num_layers = len(model.blocks) + 1
-    layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
-    return {n: layer_scales[mae_layer_id(n, num_layers)] for n, _ in model.named_parameters()}
 
 
 def test_vit_block_list_equals_mae():
