@@ -108,24 +108,16 @@ class NoDecayLayerNormNet(NoDecayMixin, LayerNormNet):
             setattr(self, name, value)
 
 
-def lightning_pytorch_model(**declarations: Any) -> nn.Module:
-    """A mixin model on the ``lightning.pytorch`` namespace: ``backbone`` (Linear + LayerNorm) and ``head``.
+def backbone_head_class(namespace: Any = pl) -> type:
+    """A mixin model class on a Lightning namespace: ``backbone`` (Linear + LayerNorm) and ``head``, AdamW."""
 
-    Skips the calling test when the ``lightning`` package is not installed.
-    """
-    import pytest
-
-    lightning = pytest.importorskip("lightning")
-
-    class Net(NoDecayMixin, lightning.pytorch.LightningModule):
+    class Net(NoDecayMixin, namespace.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
             self.head = nn.Linear(4, 1)
             self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-            for name, value in declarations.items():
-                setattr(self, name, value)
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             return self.head(self.backbone(batch)).pow(2).mean()
@@ -133,7 +125,25 @@ def lightning_pytorch_model(**declarations: Any) -> nn.Module:
         def train_dataloader(self) -> DataLoader:
             return DataLoader(RandomDataset(4, 4), batch_size=4)
 
-    return Net()
+    return Net
+
+
+#: ``backbone`` (Linear + LayerNorm) and ``head`` on the ``pytorch_lightning`` namespace.
+BackboneHeadNet = backbone_head_class()
+
+
+def lightning_pytorch_model(**declarations: Any) -> nn.Module:
+    """:func:`backbone_head_class` on the ``lightning.pytorch`` namespace, with the mixin attributes given.
+
+    Skips the calling test when the ``lightning`` package is not installed.
+    """
+    import pytest
+
+    lightning = pytest.importorskip("lightning")
+    model = backbone_head_class(lightning.pytorch)()
+    for name, value in declarations.items():
+        setattr(model, name, value)
+    return model
 
 
 class TanhNet(nn.Module):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import pytorch_lightning as pl
 import torch
+from models import BackboneHeadNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -16,22 +15,7 @@ from lightning_nodecay._lifecycle import FitLifecycle
 from lightning_nodecay._schema import LAYOUTS
 from lightning_nodecay.rules import DEFAULT_NO_DECAY_MODULE_TYPES
 
-
-class Net(NoDecayMixin, pl.LightningModule):
-    """``backbone`` (Linear + LayerNorm) and ``head``; AdamW(weight_decay=0.1) built by the mixin."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-        self.head = nn.Linear(4, 1)
-        self.optimizer = functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.head(self.backbone(batch)).pow(2).mean()
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), batch_size=4)
+Net = BackboneHeadNet
 
 
 class BuiltElsewhere(Net):
