@@ -58,17 +58,12 @@ def prelu_head(features: int = 128, classes: int = 10) -> nn.Sequential:
     return nn.Sequential(nn.Linear(features, 64), nn.PReLU(64), nn.Linear(64, classes))
 
 
-class DigitsClassifier(pl.LightningModule):
-    """A PReLU CNN (`backbone` + `head`) with cross-entropy and `torchmetrics` validation accuracy."""
+class DigitsTask(pl.LightningModule):
+    """Digit classification: cross-entropy training, `torchmetrics` validation accuracy; subclasses give `forward`."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = prelu_backbone()
-        self.head = prelu_head()
         self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -80,6 +75,18 @@ class DigitsClassifier(pl.LightningModule):
         x, y = batch
         self.val_accuracy(self(x), y)
         self.log("val_acc", self.val_accuracy)
+
+
+class DigitsClassifier(DigitsTask):
+    """A PReLU CNN (`backbone` + `head`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = prelu_backbone()
+        self.head = prelu_head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
 
     def prelu_slopes(self) -> torch.Tensor:
         """All PReLU slopes of the network, flattened."""

@@ -28,8 +28,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
-from digits import DigitsDataModule
+from digits import DigitsDataModule, DigitsTask
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -52,7 +51,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DigitsViT(NoDecayMixin, pl.LightningModule):
+class DigitsViT(NoDecayMixin, DigitsTask):
     """A ViT laid out like timm's: `cls_token`, `pos_embed` and `patch_embed` before `blocks`, then `norm`, `head`.
 
     The mixin finds the layers from that layout: what comes before `blocks` is layer 0, block i is layer i + 1,
@@ -69,7 +68,6 @@ class DigitsViT(NoDecayMixin, pl.LightningModule):
         self.blocks = nn.Sequential(*(Block(dim, heads=4) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
-        self.val_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
         self.layer_decay = layer_decay
         self.optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.05)
         self.lr_scheduler = self.warmup_cosine  # the mixin builds it on its groups
@@ -96,17 +94,6 @@ class DigitsViT(NoDecayMixin, pl.LightningModule):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_accuracy(self(x), y)
-        self.log("val_acc", self.val_accuracy)
 
 
 def fit(model: DigitsViT, data: DigitsDataModule, epochs: int, args: argparse.Namespace) -> pl.Trainer:
