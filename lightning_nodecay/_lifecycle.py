@@ -30,7 +30,7 @@ from lightning_nodecay._safety_net import split_by_decisions
 from lightning_nodecay._schema import PARAMS
 from lightning_nodecay._semantics import needs_hook
 from lightning_nodecay.groups import DecayDecision, decide
-from lightning_nodecay.hook import WeightDecayHook, attach_weight_decay_hook
+from lightning_nodecay.hook import WeightDecayHook, after_closure, attach_weight_decay_hook
 from lightning_nodecay.summary import summarize
 
 if TYPE_CHECKING:
@@ -136,10 +136,14 @@ class FitLifecycle(Callback):
         invariant = DecayInvariant(lambda: self.decisions(module), culprit=_CULPRIT)
         invariant.check(optimizer)
         hook = WeightDecayHook.of(optimizer)
-        if hook is not None:  # before the hook's decay, which runs at once when `step` gets no closure (AMP)
+        if hook is not None:  # right before the hook's decay, which must not happen on a refused step
             self._guards.append(hook.add_check(invariant.check))
-        else:
-            self._guards.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: invariant.check(opt)))
+        else:  # after the closure (and `on_before_optimizer_step` inside it), before the update
+            self._guards.append(
+                optimizer.register_step_pre_hook(
+                    lambda opt, args, kwargs: after_closure(args, kwargs, lambda: invariant.check(opt))
+                )
+            )
 
     def _remove_guards(self) -> None:
         for handle in self._guards:

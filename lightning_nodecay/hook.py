@@ -216,7 +216,10 @@ class WeightDecayHook:
                     yield from zip(batch.params, batch.masks, strict=True)
 
     def add_check(self, check: Callable[[Optimizer], None]) -> RemovableHandle:
-        """Run ``check(optimizer)`` before every step, before the hook decays anything (it may raise to refuse)."""
+        """Run ``check(optimizer)`` at every step right before the hook decays (it may raise to refuse the step).
+
+        That is once the gradients are final, after Lightning's ``on_before_optimizer_step``, before the update.
+        """
         handle = RemovableHandle(self._checks)
         self._checks[handle.id] = check
         return handle
@@ -224,34 +227,13 @@ class WeightDecayHook:
     def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if nested_step(optimizer):  # a subclass's `super().step()`: the outer call decays, once
             return None
+        self.steps += 1
+        return after_closure(args, kwargs, lambda: self._checked_decay(optimizer))
+
+    def _checked_decay(self, optimizer: Optimizer) -> None:
         for check in list(self._checks.values()):
             check(optimizer)
-        self.steps += 1
-        closure = kwargs.get("closure")
-        positional = closure is None and len(args) > 1 and callable(args[1])
-        if positional:
-            closure = args[1]
-        if closure is None:
-            self._decay(optimizer)
-            return None
-        wrapped = self._decay_after(optimizer, closure)
-        if positional:
-            return (args[0], wrapped, *args[2:]), kwargs
-        return args, {**kwargs, "closure": wrapped}
-
-    def _decay_after(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """Wrap the closure: the gradients are final (backward, clipping) only once it has run."""
-        done = False
-
-        def closure_then_decay() -> Any:
-            nonlocal done
-            loss = closure()
-            if not done:
-                done = True
-                self._decay(optimizer)
-            return loss
-
-        return closure_then_decay
+        self._decay(optimizer)
 
     @torch.no_grad()
     def _decay(self, optimizer: Optimizer) -> None:
@@ -378,6 +360,36 @@ def _plan(
         share = sum(p.numel() for p, _ in masked) / max(1, sum(p.numel() for p in group[PARAMS]))
         hooked.append(_HookedGroup(index, style, penalty, batches, share, float(group[LR])))
     return hooked
+
+
+def after_closure(args: tuple[Any, ...], kwargs: dict[str, Any], action: Callable[[], None]) -> Any:
+    """Run ``action`` once the gradients are final, before the update: what an optimizer step pre-hook returns.
+
+    When ``step`` gets a closure (Lightning's default: backward, clipping and ``on_before_optimizer_step`` run
+    inside it), the closure is wrapped to run ``action`` right after it, once; without one (AMP's
+    ``GradScaler``), ``action`` runs now.
+    """
+    closure = kwargs.get("closure")
+    positional = closure is None and len(args) > 1 and callable(args[1])
+    if positional:
+        closure = args[1]
+    if closure is None:
+        action()
+        return None
+    done = False
+    inner: Callable[[], Any] = closure
+
+    def closure_then_action() -> Any:
+        nonlocal done
+        loss = inner()
+        if not done:
+            done = True
+            action()
+        return loss
+
+    if positional:
+        return (args[0], closure_then_action, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure_then_action}
 
 
 def _refuse_graph_gradient(param: Tensor) -> None:

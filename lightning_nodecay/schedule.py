@@ -11,6 +11,8 @@ A Lightning callback, and a plain object for Fabric or a raw loop (``step()``, `
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -39,12 +41,23 @@ class WeightDecayScheduler(Callback):
     counts optimizer steps, not batches) and the value is set right before it; with ``"epoch"`` a step is an
     epoch, set at its start.
 
+    A group's multiplier is its ``weight_decay_multiplier`` (every group the library builds carries one); a group
+    built elsewhere keeps the ratio of its weight decay to the optimizer's default ``weight_decay`` that it had
+    when the scheduler took the optimizer (or, for a group added later, when it first saw it).
+
     The effective decay of each group is logged as ``weight_decay/{group}`` (the key of
-    ``WeightNormMonitor(log_weight_decay=True)``, which then leaves it to the scheduler) at the Trainer's
-    ``log_every_n_steps``. Lightning's ``LearningRateMonitor(log_weight_decay=True)`` reads ``weight_decay``
-    only, so it shows 0 for masked and L1 groups, whose decay the hook applies: read ``weight_decay/{group}``.
+    ``WeightNormMonitor(log_weight_decay=True)``; with several optimizers ``weight_decay/{Optimizer}/{group}``)
+    at the Trainer's ``log_every_n_steps`` (``interval="step"``) or at every epoch's start (``"epoch"``).
+    Lightning's ``LearningRateMonitor(log_weight_decay=True)`` reads ``weight_decay`` only, so it shows 0 for
+    masked and L1 groups, whose decay the hook applies: read ``weight_decay/{group}``.
 
     Its state (the steps taken) is saved in checkpoints; a resumed fit continues the schedule where it stopped.
+    Each fit without a checkpoint starts the schedule afresh.
+
+    Without ``start``, the schedule starts from the optimizer's default ``weight_decay`` as built by the code
+    (read when the scheduler takes the optimizer: at construction, or at a fit's start, before a checkpoint's
+    state is loaded). Without a Trainer, build the scheduler right after the optimizer, as a torch LR scheduler,
+    and call :meth:`step` right before each ``optimizer.step()``.
 
     Args:
         schedule: ``"cosine"``, ``"linear"``, ``"constant"``, or a callable ``(step) -> base weight decay``.
@@ -59,7 +72,8 @@ class WeightDecayScheduler(Callback):
         log_weight_decay: log each group's effective weight decay.
 
     Raises:
-        ValueError: an unknown ``schedule`` or ``interval``, a missing ``end``, or a bad value (named).
+        ValueError: an unknown ``schedule`` or ``interval``, a missing ``end``, a schedule without a length, or a
+            bad value (named; a callable's negative value with its step).
 
     Example:
         >>> import torch
@@ -74,6 +88,8 @@ class WeightDecayScheduler(Callback):
         [0.04, 0.0]
         [0.22, 0.0]
         [0.4, 0.0]
+        >>> scheduler.state_dict()
+        {'steps': [3]}
     """
 
     def __init__(
@@ -101,18 +117,31 @@ class WeightDecayScheduler(Callback):
         self.schedule, self.start, self.end = schedule, start, end
         self.total_steps, self.warmup_steps, self.warmup_start = total_steps, warmup_steps, warmup_start
         self.interval, self.log_weight_decay = interval, log_weight_decay
-        self._optimizers = [unwrap_optimizer(o) for o in optimizers]
+        self._optimizers: list[Optimizer] = []
+        self._steps: list[int] = []
+        #: per optimizer, ``{group index: ratio}`` of the groups without a multiplier, taken from the fresh groups
+        self._ratios: list[dict[int, float]] = []
+        self._start: float | None = None
+        self._fit_length: int | None = None
         self._function: Schedule | None = None
-        self._steps: list[int] = [0] * len(self._optimizers)
-        self._multipliers: list[dict[int, float]] = [{} for _ in self._optimizers]
+        if optimizers:
+            self._take(optimizers)
+            self._steps = [0] * len(self._optimizers)
+            self._function = self._build()  # a bad schedule fails here, before training
 
     @property
     def state_key(self) -> str:
-        """Tell apart several schedulers in one checkpoint."""
-        return self._generate_state_key(schedule=str(self.schedule), interval=self.interval, end=self.end)
+        """Tell apart several schedulers in one checkpoint (the same key in every run of the same code)."""
+        schedule = self.schedule if isinstance(self.schedule, str) else _callable_name(self.schedule)
+        return self._generate_state_key(schedule=schedule, interval=self.interval, end=self.end)
 
     def step(self, optimizer_index: int | None = None) -> None:
         """Set the base weight decay of the next step, then count it (every optimizer, or one of them)."""
+        if not self._optimizers:
+            raise ValueError(
+                "`WeightDecayScheduler.step()` has no optimizers to schedule: pass `optimizers=[optimizer]` when"
+                " using it without a Trainer (a Trainer gives it its optimizers at fit start)."
+            )
         indices = range(len(self._optimizers)) if optimizer_index is None else [optimizer_index]
         for index in indices:
             self._apply(index, self._steps[index])
@@ -121,7 +150,7 @@ class WeightDecayScheduler(Callback):
     def value(self, step: int) -> float:
         """The base weight decay at ``step``."""
         if self._function is None:
-            self._function = self._build(self.start if self.start is not None else self._default_start())
+            self._function = self._build()
         return self._function(step)
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,17 +162,34 @@ class WeightDecayScheduler(Callback):
         self._steps = list(state_dict["steps"])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Know the fit's length before the schedule is built."""
-        if stage == "fit" and self.total_steps is None:
-            self._fit_length = trainer.estimated_stepping_batches if self.interval == "step" else trainer.max_epochs
+        """Start every fit afresh: a checkpoint's state, if any, is loaded after this."""
+        if stage == "fit":
+            self._steps, self._function = [], None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take the fit's optimizers, know its length and build the schedule: a bad one fails before training.
+
+        The optimizers are as the code built them: a checkpoint's state is loaded into them after this.
+        """
+        self._take(trainer.optimizers)
+        if self.interval == "step":
+            stepping = trainer.estimated_stepping_batches
+            self._fit_length = int(stepping) if math.isfinite(stepping) else None
+        else:
+            epochs = trainer.max_epochs
+            self._fit_length = epochs if epochs is not None and epochs >= 0 else None
+        self._function = self._build()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take the Trainer's optimizers (after a resume restored them) and set the value of the coming step."""
-        steps = self._steps
         self._optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
-        self._steps = steps if len(steps) == len(self._optimizers) else [0] * len(self._optimizers)
-        self._multipliers = [{} for _ in self._optimizers]
-        self._function = None
+        if not self._steps:
+            self._steps = [0] * len(self._optimizers)
+        elif len(self._steps) != len(self._optimizers):
+            raise ValueError(
+                f"The checkpoint's `WeightDecayScheduler` state counts the steps of {len(self._steps)} optimizer(s),"
+                f" the fit has {len(self._optimizers)}: resume with the optimizers it was saved with."
+            )
         for index in range(len(self._optimizers)):
             self._apply(index, self._steps[index])
 
@@ -155,7 +201,7 @@ class WeightDecayScheduler(Callback):
             index = self._optimizers.index(unwrap_optimizer(optimizer))
             self._apply(index, self._steps[index])
             self._steps[index] += 1
-            self._log(trainer, index)
+            self._log(trainer, index, logged_step(trainer))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Set the base weight decay of this epoch."""
@@ -163,25 +209,37 @@ class WeightDecayScheduler(Callback):
             for index in range(len(self._optimizers)):
                 self._steps[index] = trainer.current_epoch
                 self._apply(index, trainer.current_epoch)
-                self._log(trainer, index)
+                self._log(trainer, index, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _take(self, optimizers: Sequence[Optimizer]) -> None:
+        """Schedule ``optimizers``: their base weight decay and the ratios of their groups, as they are now."""
+        self._optimizers = [unwrap_optimizer(o) for o in optimizers]
+        self._ratios = [
+            {
+                i: _ratio(group, optimizer)
+                for i, group in enumerate(optimizer.param_groups)
+                if _multiplier(group) is None
+            }
+            for optimizer in self._optimizers
+        ]
+        self._start = self.start if self.start is not None else self._default_start()
 
     def _apply(self, index: int, step: int) -> None:
         """Give every group of optimizer ``index`` base(``step``) x its multiplier."""
         optimizer = self._optimizers[index]
         base = self.value(step)
-        known = self._multipliers[index]
-        for group in optimizer.param_groups:
-            multiplier = group.get(WEIGHT_DECAY_MULTIPLIER)
+        ratios = self._ratios[index]
+        for i, group in enumerate(optimizer.param_groups):
+            multiplier = _multiplier(group)
             if multiplier is None:  # a group the rules did not build: its ratio to the base when first seen
-                multiplier = known.setdefault(id(group), _ratio(group, optimizer))
+                multiplier = ratios.setdefault(i, _ratio(group, optimizer))
             group[HOOK_WEIGHT_DECAY if HOOK_WEIGHT_DECAY in group else WEIGHT_DECAY] = base * multiplier
 
-    def _log(self, trainer: pl.Trainer, index: int) -> None:
-        step = logged_step(trainer)
+    def _log(self, trainer: pl.Trainer, index: int, step: int | None) -> None:
         if not self.log_weight_decay or not trainer.loggers or step is None:
             return
         optimizer = self._optimizers[index]
-        prefix = f"{type(optimizer).__name__}-{index}/" if len(self._optimizers) > 1 else ""
+        prefix = _optimizer_prefixes(self._optimizers)[index]
         metrics = {
             f"weight_decay/{prefix}{group_name(group, i)}": effective_decay(group)
             for i, group in enumerate(optimizer.param_groups)
@@ -189,29 +247,64 @@ class WeightDecayScheduler(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _default_start(self) -> float:
-        base = current_base(self._optimizers[0]) if self._optimizers else None
-        if base is None:
+    def _default_start(self) -> float | None:
+        """The optimizers' base weight decay: the first one's default ``weight_decay``, else what its groups show."""
+        if not self._optimizers:
+            return None
+        optimizer = self._optimizers[0]
+        default = optimizer.defaults.get(WEIGHT_DECAY)
+        return float(default) if default is not None else current_base(optimizer)
+
+    def _build(self) -> Schedule:
+        if callable(self.schedule):
+            return as_schedule(self.schedule, "schedule")
+        start = self._start if self._start is not None else self.start
+        if start is None:
             raise ValueError(
                 "`WeightDecayScheduler` has no `start` and the optimizer shows no base weight decay: pass `start=`."
             )
-        return base
-
-    def _build(self, start: float) -> Schedule:
-        total = self.total_steps if self.total_steps is not None else getattr(self, "_fit_length", None)
         if self.schedule == "constant":
             return constant(start, self.warmup_steps, self.warmup_start)
-        if callable(self.schedule):
-            return as_schedule(self.schedule, "schedule")
-        if total is None or total == float("inf"):
+        total = self.total_steps if self.total_steps is not None else self._fit_length
+        if total is None:
+            length = (
+                "give the Trainer `max_steps` or `max_epochs`"
+                if self.interval == "step"
+                else "give the Trainer `max_epochs`"
+            )
             raise ValueError(
-                "`WeightDecayScheduler` needs the schedule's length: pass `total_steps=`, or give the Trainer"
-                " `max_steps` or `max_epochs`."
+                f"`WeightDecayScheduler({self.schedule!r})` needs the schedule's length: pass `total_steps=`"
+                f" ({'optimizer steps' if self.interval == 'step' else 'epochs'}), or {length}."
             )
         build = cosine if self.schedule == "cosine" else linear
-        return build(start, float(self.end or 0.0), int(total), self.warmup_steps, self.warmup_start)
+        return build(start, float(self.end or 0.0), total, self.warmup_steps, self.warmup_start)
+
+
+def _multiplier(group: dict[str, Any]) -> float | None:
+    multiplier = group.get(WEIGHT_DECAY_MULTIPLIER)
+    return None if multiplier is None else float(multiplier)
 
 
 def _ratio(group: dict[str, Any], optimizer: Optimizer) -> float:
-    base = current_base(optimizer)
+    """The ratio of a group without a multiplier to its optimizer's default weight decay (the value torch fills in)."""
+    default = optimizer.defaults.get(WEIGHT_DECAY)
+    base = float(default) if default is not None else current_base(optimizer)
     return effective_decay(group) / base if base else 1.0
+
+
+def _callable_name(schedule: Callable[[int], float]) -> str:
+    """A name of ``schedule`` that is the same in every run (no memory address)."""
+    return str(getattr(schedule, "__qualname__", type(schedule).__qualname__))
+
+
+def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:
+    """Each optimizer's prefix of logged keys: none for one, else ``SGD/``, ``SGD-1/``, ``Adam/`` (as the monitors)."""
+    if len(optimizers) < 2:
+        return [""] * len(optimizers)
+    seen: Counter[str] = Counter()
+    prefixes = []
+    for optimizer in optimizers:
+        name = type(optimizer).__name__
+        prefixes.append(f"{name}/" if seen[name] == 0 else f"{name}-{seen[name]}/")
+        seen[name] += 1
+    return prefixes

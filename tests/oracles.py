@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -169,3 +170,19 @@ def mae_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
         for p in group["params"]:
             scales[id(p)] = group["lr_scale"]
     return {n: scales[id(p)] for n, p in model.named_parameters()}
+
+
+# -- DINO's weight-decay schedule (utils.py of facebookresearch/dino), transcribed ---------------------------
+
+
+def dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino `utils.cosine_scheduler`, transcribed."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule

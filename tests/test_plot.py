@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from fits import trainer_kwargs
 from models import NoDecayBoringModel
 
-from lightning_nodecay import WeightNormMonitor, plot_weight_norms
+from lightning_nodecay import WeightDecayScheduler, WeightNormMonitor, plot_weight_norms
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,6 +28,43 @@ def test_plot_weight_norms_writes_png_from_csv_logger(tmp_path):
     pixels = image.imread(png)
     assert pixels.shape[:2] == (450, 800)  # 8 x 4.5 inches at 100 dpi
     assert pixels.std() > 0.05  # lines, labels and legend drawn, not a blank canvas
+
+
+def test_plot_weight_norms_draws_the_weight_decay_schedule_under_the_norms(tmp_path):
+    """Test that `weight_decay=True` draws the `weight_decay/{group}` columns of a real fit's CSV (WeightNormMonitor
+    and WeightDecayScheduler on one CSVLogger) in a second panel: a taller PNG, with lines in both panels."""
+    image = pytest.importorskip("matplotlib.image")
+
+    logger = pl.loggers.CSVLogger(tmp_path)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=6)
+    callbacks = [WeightNormMonitor(), WeightDecayScheduler("cosine", end=0.4, warmup_steps=2)]
+    pl.Trainer(**kwargs, callbacks=callbacks).fit(NoDecayBoringModel())
+    metrics = f"{logger.log_dir}/metrics.csv"
+    with open(metrics) as file:
+        header = file.readline().strip().split(",")
+    assert {"weight_2.0_norm/decay", "weight_decay/decay", "weight_decay/no_decay"} <= set(header)
+
+    png = plot_weight_norms(metrics, tmp_path / "norms_and_decay.png", weight_decay=True)
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    pixels = image.imread(png)
+    assert pixels.shape[:2] == (700, 800)  # 8 x 7 inches at 100 dpi: the norms above, the weight decay below
+    top, bottom = pixels[:380], pixels[420:]
+    assert top.std() > 0.05
+    assert bottom.std() > 0.05
+
+
+def test_plot_weight_norms_without_weight_decay_columns_raises(tmp_path):
+    """Test that `weight_decay=True` on a file without `weight_decay/{group}` columns is refused, saying how to log
+    them, and writes nothing."""
+    pytest.importorskip("matplotlib")
+    metrics = write_csv(tmp_path / "metrics.csv", ["step", "weight_2.0_norm/decay"], [0, 3.0], [1, 2.0])
+    with pytest.raises(
+        ValueError, match=r"metrics.csv` holds no `weight_decay/\{group\}` columns.*`lightning_nodecay.WeightDecaySch"
+    ):
+        plot_weight_norms(metrics, tmp_path / "norms.png", weight_decay=True)
+    assert not (tmp_path / "norms.png").exists()
+    assert plot_weight_norms(metrics, tmp_path / "norms.png").read_bytes().startswith(PNG_SIGNATURE)  # without
 
 
 def write_csv(path, header, *rows):

@@ -8,24 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import dino_cosine_scheduler
 
 from lightning_nodecay._schedules import as_schedule, constant, cosine, linear
 
 PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
 EXACT = {"rel": 1e-12, "abs": 1e-15}
-
-
-def dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    """facebookresearch/dino `utils.cosine_scheduler`, transcribed."""
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    schedule = np.concatenate((warmup_schedule, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
 
 
 def megatron_get_wd(num_steps, start_wd, end_wd, wd_incr_steps):
