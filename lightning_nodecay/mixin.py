@@ -2,8 +2,8 @@
 
 The mixin keeps the declarations, :meth:`~NoDecayMixin.configure_param_groups` and
 :meth:`~NoDecayMixin.configure_optimizers`. Everything that happens during a fit (safety net, step hook,
-resume check, summary, per-epoch checks) is done by the callback it returns from ``configure_callbacks()``
-(see ``_lifecycle.py``), so overriding the module's own hooks cannot switch it off.
+resume check, summary, the invariant before every step) is done by the callback it returns from
+``configure_callbacks()`` (see ``_lifecycle.py``), so overriding the module's own hooks cannot switch it off.
 """
 
 from __future__ import annotations

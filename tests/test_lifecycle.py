@@ -77,7 +77,7 @@ class ExcludedIntoDecay(pl.Callback):
 
 
 def test_lifecycle_without_super_on_train_epoch_start_still_checks(tmp_path):
-    """Test that a module's `on_train_epoch_start` without `super()` does not switch off the per-epoch check."""
+    """Test that a module's `on_train_epoch_start` without `super()` does not switch off the checks of later changes."""
 
     class Model(Net):
         def on_train_epoch_start(self) -> None:
