@@ -147,6 +147,7 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
     user_patterns = compiled.user_patterns() if compiled.strict else []
     all_names: list[str] | None = [] if user_patterns else None
     declares = _Declares()
+    any_l1, any_lr, known = compiled.any_l1, compiled.any_lr, decisions.get  # locals: the loop runs per tensor
     for prefix, owner in _owners(unwrap(module)):
         if declares[type(owner)]:
             declared.update(_declared_names(prefix, owner))
@@ -169,16 +170,16 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
             if verdict is None or name in declared:
                 verdict = compiled.verdict(name, own_name, owner_rules, declared.get(name))
             key = id(param)
-            seen = decisions.get(key)
+            seen = known(key)
             if seen is None:
-                decisions[key] = DecayDecision(name, param, *verdict)
+                decisions[key] = DecayDecision(name, param, verdict[0], verdict[1], verdict[2])
             elif verdict[0] < seen.multiplier:  # a tied parameter: the smallest proposal of all paths wins
                 seen.multiplier, seen.reason = verdict[0], f"tied to `{name}`: {verdict[1]}"
-            if compiled.any_l1 and key not in l1:
+            if any_l1 and key not in l1:
                 l1_rule = compiled.l1_rule(owner, name, own_name)
                 if l1_rule is not None:
                     l1[key] = l1_rule
-            if compiled.any_lr and key not in lr:
+            if any_lr and key not in lr:
                 lr[key] = compiled.lr_rule(owner, name, own_name)
     if all_names is not None:
         _check_all_patterns_match(user_patterns, all_names)
