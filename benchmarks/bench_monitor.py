@@ -1,13 +1,16 @@
 """How much `WeightNormMonitor` costs: its norm computation, whole fits, and the time inside its hooks.
 
-Run: `python benchmarks/bench_monitor.py` (about 4 minutes). One thread, CPU, best of `--repeats` runs.
+Run: `python benchmarks/bench_monitor.py` (about 5 minutes). One thread, CPU, best of `--repeats` runs.
 
-1. The per-group norm computation the monitor runs (`group_norms` over an optimizer's two param groups) against
-   (a) the floor, one norm over a single contiguous buffer of as many elements, and (b) a per-parameter loop
-   like Lightning's `grad_norm` (one `vector_norm` per tensor, then one per group over those norms).
+1. The per-group norm computation over an optimizer's two param groups, by `group_norms` (which builds its plan)
+   and by a kept plan (what the monitor runs on a logged step), against (a) the floor, one norm over a
+   single contiguous buffer of as many elements, and (b) a per-parameter loop like Lightning's `grad_norm` (one
+   `vector_norm` per tensor, then one per group over those norms).
 2. Whole-`fit` wall time of a small CNN with and without the monitor, at `log_every_n_steps` 1 and 50.
 3. The share of training time spent inside the monitor's hooks (timed with `perf_counter` around each hook by
-   a subclass, logger calls included), on 150 x (Linear(16, 16) + LayerNorm(16)), batch 4.
+   a subclass, logger calls included), on 150 x (Linear(16, 16) + LayerNorm(16)), batch 4, and the whole fit
+   with the monitor against the same fit without it, in interleaved rounds (default monitor, with
+   `log_update_ratio`, and at `log_every_n_steps=50`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nodecay import WeightNormMonitor, group_norms, param_groups
+from lightning_nodecay.norms import PlanCache
 
 
 def per_parameter_loop(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -44,20 +48,29 @@ def norm_computation(repeats: int) -> None:
             param.grad = param.detach()  # so that Lightning's `grad_norm` measures these very tensors
         groups = [list(module)[0::2], list(module)[1::2]]  # like decay / no_decay
         flat = torch.randn(count * size)
+        plans = PlanCache()
+        plans.plan(0, groups)
         ours = best_time(lambda groups=groups: group_norms(groups), repeats)
+        reused = best_time(lambda groups=groups, plans=plans: plans.plan(0, groups).local(2.0).norms(2.0), repeats)
         floor = best_time(lambda flat=flat: torch.linalg.vector_norm(flat), repeats)
         loop = best_time(lambda groups=groups: per_parameter_loop(groups), repeats)
         lightning = best_time(lambda module=module: grad_norm(module, 2.0), repeats)
-        times = (ours, floor, loop, lightning)
+        times = (ours, reused, floor, loop, lightning)
         rows.append(
-            (f"{count:,} x {size:,}", *(f"{t * 1e3:.2f}" for t in times), f"{ours / floor:.2f}x", f"{loop / ours:.2f}x")
+            (f"{count:,} x {size:,}", *(f"{t * 1e3:.2f}" for t in times), f"{reused / floor:.2f}x")
+            + (f"{loop / ours:.2f}x",)
         )
-        del module, groups, flat
-    print("1. Norm computation, 2-norm, ms. group_norms: the monitor's norms of 2 param groups; floor: one norm of")
-    print("   one contiguous buffer as large; per-param loop: one vector_norm per tensor, then one per group;")
-    print("   Lightning grad_norm: `pytorch_lightning.utilities.grad_norm` on the same tensors (per-param + total)")
-    header = ("tensors", "group_norms", "floor", "per-param loop", "Lightning grad_norm", "ours / floor", "loop / ours")
-    print_table(header, rows)
+        del module, groups, flat, plans
+    print(
+        "1. Norm computation, 2-norm, ms, of 2 param groups. group_norms: one call (the plan built anew); plan reused:"
+    )
+    print(
+        "   the monitor's logged steps (`PlanCache.plan` + `local`); floor: one norm of one contiguous buffer as large;"
+    )
+    print("   per-param loop: one vector_norm per tensor, then one per group; Lightning grad_norm:")
+    print("   `pytorch_lightning.utilities.grad_norm` on the same tensors (per-param + total)")
+    header = ("tensors", "group_norms", "plan reused", "floor", "per-param loop", "Lightning grad_norm")
+    print_table((*header, "reused / floor", "loop / group_norms"), rows)
     print()
 
 
@@ -125,6 +138,9 @@ class TimedWeightNormMonitor(WeightNormMonitor):
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._timed(super().on_train_batch_end, *args, **kwargs)
 
+    def teardown(self, *args: Any, **kwargs: Any) -> None:
+        self._timed(super().teardown, *args, **kwargs)
+
 
 def timed_fit(make: Callable[[], Net], steps: int, every: int, monitor: TimedWeightNormMonitor | None) -> float:
     """Wall time of one `fit` of ``steps`` steps with a CSVLogger (with or without the monitor)."""
@@ -164,20 +180,45 @@ def whole_fit(repeats: int) -> None:
     print()
 
 
+#: The fits of section 3: (log_every_n_steps, WeightNormMonitor arguments, or None for the fit without it).
+HOOK_SHARE_CASES: tuple[tuple[int, dict[str, bool] | None], ...] = (
+    (1, None),
+    (1, {}),
+    (1, {"log_update_ratio": True}),
+    (50, None),
+    (50, {}),
+)
+
+
 def hook_share(repeats: int) -> None:
+    """Every case once per round, in an order reversed every other round, so that drifting load hits all alike."""
+    fits: list[list[float]] = [[] for _ in HOOK_SHARE_CASES]
+    hooks: list[list[float]] = [[] for _ in HOOK_SHARE_CASES]
+    for round_ in range(repeats):
+        order = list(enumerate(HOOK_SHARE_CASES))
+        for case, (every, options) in order if round_ % 2 == 0 else reversed(order):
+            monitor = None if options is None else TimedWeightNormMonitor(**options)
+            fits[case].append(timed_fit(linear_layernorm_stack, 150, every, monitor))
+            hooks[case].append(0.0 if monitor is None else monitor.seconds)
+    plain = {every: min(fits[case]) for case, (every, options) in enumerate(HOOK_SHARE_CASES) if options is None}
     rows = []
-    for every in (1, 50):
-        best = None
-        for _ in range(repeats):
-            monitor = TimedWeightNormMonitor()
-            total = timed_fit(linear_layernorm_stack, 150, every, monitor)
-            if best is None or monitor.seconds / total < best[0] / best[1]:
-                best = (monitor.seconds, total)
-        assert best is not None
-        hooks, total = best
-        rows.append((str(every), f"{total:.2f}", f"{hooks * 1e3:.1f}", f"{hooks / total * 100:.2f}%"))
-    print("3. Time inside the monitor's hooks, 150 x (Linear(16,16) + LayerNorm(16)) = 600 tensors, 150 steps, batch 4")
-    print_table(("log_every_n_steps", "fit s", "hooks ms", "hooks / fit"), rows)
+    for case, (every, options) in enumerate(HOOK_SHARE_CASES):
+        if options is None:
+            continue
+        fit, hook = min(fits[case]), min(hooks[case])
+        monitor = ", ".join(f"{k}={v}" for k, v in options.items()) or "default"
+        rows.append(
+            (str(every), monitor, f"{plain[every]:.2f}", f"{fit:.2f}", f"{fit / plain[every]:.3f}")
+            + (f"{hook * 1e3:.1f}", f"{hook / fit * 100:.2f}%")
+        )
+    print(
+        "3. Time inside the monitor's hooks, 150 x (Linear(16,16) + LayerNorm(16)) = 600 tensors, 150 steps, batch 4;"
+    )
+    print(
+        f"   best of {repeats} interleaved rounds; hooks / fit: the best hook time over the best fit with the monitor"
+    )
+    header = ("log_every_n_steps", "monitor", "plain fit s", "monitor fit s", "monitor / plain", "hooks ms")
+    print_table((*header, "hooks / fit"), rows)
     print()
 
 

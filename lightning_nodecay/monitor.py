@@ -7,24 +7,36 @@ every installed Lightning namespace (see ``_lightning.py``), so one implementati
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_nodecay._lightning import Callback
 from lightning_nodecay._naming import group_name
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, MASK_SHARE, PARAMS, WEIGHT_DECAY
-from lightning_nodecay.norms import GroupNorms, check_norm_type, fsdp_shard_group, group_norms
+from lightning_nodecay.norms import (
+    NormPlan,
+    NormStats,
+    PlanCache,
+    check_norm_type,
+    fsdp_shard_group,
+    reduce_stats,
+    roots,
+)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
 class WeightNormMonitor(Callback):
-    """Log the norm of each param group's weights (and optionally gradients, RMS, weight decay) while training.
+    """Log the norm of each param group's weights (and optionally gradients, RMS, updates, weight decay) while training.
 
     With weight decay working as intended, the ``decay`` group's norm is pulled down steadily while the
     ``no_decay`` group (biases, norm scales, PReLU slopes, ...) is not pulled toward zero.
@@ -39,6 +51,13 @@ class WeightNormMonitor(Callback):
       (after unscaling under mixed precision), over the parameters that have a gradient;
     - with ``log_rms``: ``weight_rms/{group}``, the 2-norm over the square root of the number of elements,
       so that groups of different sizes compare;
+    - with ``log_update_ratio``: ``update_ratio/{group}``, ``||w_after - w_before|| / ||w_after||`` in the
+      ``norm_type`` norm: how far the batch's optimizer step moved the group relative to its size (around
+      ``1e-3`` is the usual rule of thumb for the 2-norm; 0 for a group that did not move, as in a step
+      skipped by the AMP grad scaler; ``inf`` for one moved to all zeros). The weights this rank holds are
+      copied in ``on_before_optimizer_step`` (its first call of the batch, before a closure such as LBFGS's
+      moves them) on logging steps only, and the copy is freed as soon as the ratio is computed: memory for
+      one copy of the weights during those steps. An optimizer that did not step in the batch has no ratio;
     - with ``log_weight_decay``: ``weight_decay/{group}``, the group's effective weight decay (its
       ``weight_decay``, plus the ``hook_weight_decay`` that per-element masks apply in its place), and
       ``weight_decay_mask_share/{group}`` for groups that carry that key.
@@ -46,14 +65,18 @@ class WeightNormMonitor(Callback):
     Values are the weights after the optimizer step, logged at the Trainer's ``log_every_n_steps`` cadence on
     the batches that step the optimizer (so gradient accumulation is respected), under the same step as
     ``self.log`` values and ``LearningRateMonitor``, to every logger of the Trainer. Nothing is computed on
-    other batches. Norms are computed by :func:`~lightning_nodecay.group_norms`: multi-tensor kernels,
-    float32 accumulation, and under FSDP1 or FSDP2 / DTensor ONE collective per logged step on every rank
-    (none under DDP or on one device). ``DeepSpeedStrategy`` is not supported yet (a clear error).
+    other batches. Norms are computed as :func:`~lightning_nodecay.group_norms` computes them: multi-tensor
+    kernels, float32 accumulation, and under FSDP1 or FSDP2 / DTensor ONE collective per logged step on every
+    rank for everything the step logs (weights, gradients, updates; none under DDP or on one device).
+    ``DeepSpeedStrategy`` is not supported yet (a clear error). The layout of the computation (a
+    :class:`~lightning_nodecay.norms.NormPlan` per optimizer) is kept between logged steps and rebuilt only
+    when a param group changes: another group, another tensor in it, or new storage behind one.
 
     Args:
         norm_type: the p of the p-norm: any positive number, or ``"inf"`` for the largest absolute value.
         log_grad_norm: also log each group's gradient norm before the optimizer step.
         log_rms: also log each group's root mean square; needs ``norm_type=2``.
+        log_update_ratio: also log each group's update-to-weight ratio.
         log_weight_decay: also log each group's ``weight_decay`` (and ``weight_decay_mask_share``).
 
     Raises:
@@ -62,7 +85,7 @@ class WeightNormMonitor(Callback):
 
     Example:
         >>> import pytorch_lightning as pl
-        >>> monitor = WeightNormMonitor(norm_type=2, log_rms=True)
+        >>> monitor = WeightNormMonitor(norm_type=2, log_rms=True, log_update_ratio=True)
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=pl.loggers.CSVLogger("logs"), log_every_n_steps=50)
         >>> WeightNormMonitor(norm_type=0)
         Traceback (most recent call last):
@@ -76,6 +99,7 @@ class WeightNormMonitor(Callback):
         log_grad_norm: bool = False,
         log_rms: bool = False,
         log_weight_decay: bool = False,
+        log_update_ratio: bool = False,
     ) -> None:
         self.norm_type = check_norm_type(norm_type)
         if log_rms and self.norm_type != 2:
@@ -86,9 +110,16 @@ class WeightNormMonitor(Callback):
         self.log_grad_norm = log_grad_norm
         self.log_rms = log_rms
         self.log_weight_decay = log_weight_decay
+        self.log_update_ratio = log_update_ratio
         self._shard_group: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop everything kept across hooks: the plans, and what a logging step has gathered so far."""
+        self._plans = PlanCache(sharded=self._shard_group is not None, process_group=self._shard_group)
         self._stepped = False
-        self._grad_metrics: dict[str, float] = {}
+        self._grads: dict[int, NormStats] = {}  # per optimizer index, on a logging step
+        self._snapshots: dict[int, _Snapshot] = {}  # idem
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -111,21 +142,29 @@ class WeightNormMonitor(Callback):
         model = trainer.strategy.model
         self._shard_group = fsdp_shard_group(pl_module if model is None else model)
         _logged_names(trainer.optimizers)
-        self._stepped, self._grad_metrics = False, {}  # nothing left over from an interrupted fit
+        self._reset()  # nothing left over from another fit
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Release the plans, which hold the model's parameters, when the fit ends."""
+        self._reset()
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Note that the optimizer steps; on logging steps, take the gradient norms if asked."""
+        """Note that the optimizer steps; on logging steps, take the gradient norms and the weights, if asked."""
         self._stepped = True
-        if not self.log_grad_norm or _logged_step(trainer) is None:
+        if not (self.log_grad_norm or self.log_update_ratio) or _logged_step(trainer) is None:
             return
         index = next(i for i, candidate in enumerate(trainer.optimizers) if candidate is optimizer)
-        names = _logged_names(trainer.optimizers)[index]
-        grads = [[p.grad for p in group[PARAMS] if p.grad is not None] for group in optimizer.param_groups]
-        norms = self._norms(grads).norms.tolist()
-        self._grad_metrics.update(zip((f"grad_{self.norm_type}_norm/{name}" for name in names), norms, strict=True))
+        if self.log_grad_norm:
+            grads = [[p.grad for p in group[PARAMS] if p.grad is not None] for group in optimizer.param_groups]
+            plan = NormPlan(grads, sharded=self._shard_group is not None, process_group=self._shard_group)
+            self._grads[index] = plan.local(self.norm_type)
+        if self.log_update_ratio and index not in self._snapshots:  # a closure run again (LBFGS): keep the first
+            plan = self._plan(index, optimizer)
+            self._snapshots[index] = _Snapshot(plan, _layout(optimizer), plan.snapshot())
 
     @override
     def on_train_batch_end(
@@ -135,33 +174,110 @@ class WeightNormMonitor(Callback):
         if not self._stepped:
             return
         self._stepped = False
+        grads, snapshots = self._grads, self._snapshots
+        self._grads, self._snapshots = {}, {}
         step = _logged_step(trainer)
         if step is None:
             return
-        metrics, self._grad_metrics = self._grad_metrics, {}
-        metrics.update(self._weight_metrics(trainer.optimizers))
+        metrics = self._metrics(trainer.optimizers, grads, snapshots)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _weight_metrics(self, optimizers: list[Optimizer]) -> dict[str, float]:
-        names = [name for per_optimizer in _logged_names(optimizers) for name in per_optimizer]
-        groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-        result = self._norms([group[PARAMS] for group in groups])
-        prefix = f"weight_{self.norm_type}_norm"
-        keys = [f"{prefix}/{name}" for name in names] + [f"{prefix}_total"]
-        values = [result.norms, result.total.reshape(1)]
-        if self.log_rms and result.numels is not None:
-            keys += [f"weight_rms/{name}" for name in names]
-            values.append(result.norms / result.numels.clamp(min=1).sqrt())
-        metrics = dict(zip(keys, torch.cat(values).tolist(), strict=True))  # one device sync
+    def _metrics(
+        self,
+        optimizers: list[Optimizer],
+        grads: dict[int, NormStats],
+        snapshots: dict[int, _Snapshot],
+    ) -> dict[str, float]:
+        """Every metric of a logging step, from ONE collective when sharded and ONE device sync."""
+        p = self.norm_type
+        names = _logged_names(optimizers)
+        flat_names = [name for per_optimizer in names for name in per_optimizer]
+        weights, updates, updated = self._local_weights_and_updates(optimizers, snapshots)
+        host = self._fetch([NormStats.join(weights), *grads.values(), *([NormStats.join(updates)] if updates else [])])
+        norms, total = roots(_take(host, len(flat_names)), p)
+        metrics = {f"weight_{p}_norm/{name}": norm for name, norm in zip(flat_names, norms, strict=True)}
+        metrics[f"weight_{p}_norm_total"] = total
+        for index in grads:
+            grad_norms, _ = roots(_take(host, len(names[index])), p)
+            metrics.update(zip([f"grad_{p}_norm/{name}" for name in names[index]], grad_norms, strict=True))
+        moved, _ = roots(_take(host, len(updated)), p)
+        metrics.update(
+            (f"update_ratio/{flat_names[r]}", _ratio(m, norms[r])) for r, m in zip(updated, moved, strict=True)
+        )
+        if self.log_rms:
+            metrics.update(
+                (f"weight_rms/{name}", norm / math.sqrt(max(round(numel), 1)))
+                for name, norm, numel in zip(flat_names, norms, host, strict=True)
+            )
         if self.log_weight_decay:
-            metrics.update(_weight_decay_metrics(names, groups))
+            metrics.update(_weight_decay_metrics(flat_names, [g for o in optimizers for g in o.param_groups]))
         return metrics
 
-    def _norms(self, groups: list[Any]) -> GroupNorms:
-        return group_norms(
-            groups, self.norm_type, sharded=self._shard_group is not None, process_group=self._shard_group
-        )
+    def _fetch(self, parts: list[NormStats]) -> Iterator[float]:
+        """Every part's statistics as floats: ONE collective across ranks, ONE device sync.
+
+        The weights' element counts follow when the RMS is logged. The few per-group floats are finished in
+        Python: each tensor op would cost tens of microseconds here, its code out of cache after a training step.
+        """
+        reduced = reduce_stats(parts, self.norm_type, reduce=self._plans.reduce, process_group=self._shard_group)
+        tensors = [part.stats for part in reduced] + ([reduced[0].numels] if self.log_rms else [])
+        return iter((tensors[0] if len(tensors) == 1 else torch.cat(tensors)).tolist())
+
+    def _local_weights_and_updates(
+        self, optimizers: list[Optimizer], snapshots: dict[int, _Snapshot]
+    ) -> tuple[list[NormStats], list[NormStats], list[int]]:
+        """This rank's statistics of every optimizer's weights, and of the updates of those with a snapshot.
+
+        Also returns the rows of the updated groups among all optimizers' groups, in the order of the updates.
+        """
+        weights: list[NormStats] = []
+        updates: list[NormStats] = []
+        updated: list[int] = []
+        row = 0
+        for index, optimizer in enumerate(optimizers):
+            taken = snapshots.get(index)
+            if taken is not None and taken.layout == _layout(optimizer):  # the groups are those of the snapshot
+                weight, update = taken.plan.local_with_update(self.norm_type, taken.copies)
+                updates.append(update)
+                updated += range(row, row + taken.plan.size)
+            else:
+                weight = self._plan(index, optimizer).local(self.norm_type)
+            weights.append(weight)
+            row += len(optimizer.param_groups)
+        return weights, updates, updated
+
+    def _plan(self, index: int, optimizer: Optimizer) -> NormPlan:
+        """The plan of the optimizer's groups, kept while they hold the same tensors."""
+        return self._plans.plan(index, [group[PARAMS] for group in optimizer.param_groups])
+
+
+class _Snapshot(NamedTuple):
+    """An optimizer's weights taken just before its step: the plan, the groups' layout then, the copies."""
+
+    plan: NormPlan
+    layout: tuple[tuple[int, int], ...]
+    copies: list[list[Tensor]]
+
+
+def _layout(optimizer: Optimizer) -> tuple[tuple[int, int], ...]:
+    """The id and length of each group's list of parameters.
+
+    Enough to tell that the groups are still those of a snapshot taken in the same step, without comparing
+    every tensor again as :class:`~lightning_nodecay.norms.PlanCache` does.
+    """
+    return tuple((id(group[PARAMS]), len(group[PARAMS])) for group in optimizer.param_groups)
+
+
+def _take(values: Iterator[float], count: int) -> list[float]:
+    return list(itertools.islice(values, count))
+
+
+def _ratio(change: float, size: float) -> float:
+    """The update-to-weight ratio: 0 for no change, infinite for a change to all-zero weights."""
+    if not change:
+        return 0.0
+    return change / size if size else math.inf
 
 
 def _logged_step(trainer: pl.Trainer) -> int | None:

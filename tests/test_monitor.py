@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_nodecay import WeightNormMonitor
+from lightning_nodecay.norms import NormPlan
 
 
 def norm(tensors: list[torch.Tensor], norm_type: float | str = 2.0) -> float:
@@ -166,6 +167,226 @@ def test_monitor_logs_rms(tmp_path):
     logger = fit(tmp_path, model, WeightNormMonitor(log_rms=True), max_steps=2)
     assert logged(logger, "weight_rms/decay")[1] == pytest.approx(norm([model.layer.weight]) / math.sqrt(64), rel=1e-5)
     assert logged(logger, "weight_rms/no_decay")[1] == pytest.approx(norm([model.layer.bias]) / math.sqrt(2), rel=1e-5)
+
+
+class StepRecorder(pl.Callback):
+    """The oracle's own snapshots, one entry per batch that stepped: every parameter at the start of the batch
+    (before anything in it can move them), its gradient at the first `on_before_optimizer_step`, and the
+    parameters at the end of the batch."""
+
+    def __init__(self) -> None:
+        self.before: list[dict[torch.Tensor, torch.Tensor]] = []
+        self.grads: list[dict[torch.Tensor, torch.Tensor]] = []
+        self.after: list[dict[torch.Tensor, torch.Tensor]] = []
+        self._before: dict[torch.Tensor, torch.Tensor] = {}
+        self._grads: dict[torch.Tensor, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = {p: p.detach().clone() for p in pl_module.parameters()}
+        self._grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param not in self._grads:
+                    self._grads[param] = param.grad.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._grads:  # the batch stepped
+            self.before.append(self._before)
+            self.grads.append(self._grads)
+            self.after.append({param: param.detach().clone() for param in self._before})
+
+    def ratio(self, step: int, params: list[torch.Tensor], norm_type: float | str = 2.0) -> float:
+        """The update-to-weight ratio of ``params`` over optimizer step ``step``, in float64."""
+        after = [self.after[step][p] for p in params]
+        change = [a.double() - self.before[step][p].double() for a, p in zip(after, params, strict=True)]
+        return norm(change, norm_type) / norm(after, norm_type)
+
+
+class SGDModel(BoringModel):
+    """Plain SGD (no momentum, no decay) on a named decay / no_decay pair: each step moves the weights by
+    ``-lr * grad``."""
+
+    lr = 0.1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": [self.layer.weight], "name": "decay"}, {"params": [self.layer.bias], "name": "no_decay"}]
+        return torch.optim.SGD(groups, lr=self.lr)
+
+
+@pytest.mark.parametrize("norm_type", [1, 2, "inf"])
+def test_monitor_logs_the_update_ratio_of_an_sgd_step(tmp_path, norm_type):
+    """Test that `update_ratio/{group}` is ||lr * grad|| / ||weights after the step||, the change a plain SGD step
+    makes, computed by hand from the gradients, for every norm type."""
+    model, recorder = SGDModel(), StepRecorder()
+    logger = pl.loggers.CSVLogger(tmp_path)
+    monitor = WeightNormMonitor(norm_type=norm_type, log_update_ratio=True)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=4)
+    pl.Trainer(**kwargs, callbacks=[monitor, recorder]).fit(model)
+    for key, param in (("decay", model.layer.weight), ("no_decay", model.layer.bias)):
+        ratios = logged(logger, f"update_ratio/{key}")
+        assert list(ratios) == [0, 1, 2, 3]
+        for step, value in ratios.items():
+            change = norm([model.lr * recorder.grads[step][param]], norm_type)
+            assert value == pytest.approx(change / norm([recorder.after[step][param]], norm_type), rel=1e-4)
+            assert value == pytest.approx(recorder.ratio(step, [param], norm_type), rel=1e-5)
+            assert value > 0
+
+
+def test_monitor_logs_the_update_ratio_under_accumulation(tmp_path):
+    """Test that under gradient accumulation the ratio covers the optimizer step of each logged batch (AdamW, with
+    decay), on the same steps as `self.log` values, against weights snapshotted by hand."""
+    model, recorder = SnapshotModel(), StepRecorder()
+    logger = pl.loggers.CSVLogger(tmp_path)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=3, accumulate_grad_batches=2, max_steps=7)
+    pl.Trainer(**kwargs, callbacks=[WeightNormMonitor(log_update_ratio=True), recorder]).fit(model)
+    assert len(recorder.after) == 7
+    ratios = {key: logged(logger, f"update_ratio/{key}") for key in ("decay", "no_decay")}
+    assert list(ratios["decay"]) == list(ratios["no_decay"]) == list(logged(logger, "loss")) == [2, 5]
+    for step in (2, 5):
+        assert ratios["decay"][step] == pytest.approx(recorder.ratio(step, [model.layer.weight]), rel=1e-5)
+        assert ratios["no_decay"][step] == pytest.approx(recorder.ratio(step, [model.layer.bias]), rel=1e-5)
+
+
+def test_monitor_logs_the_update_ratio_of_every_optimizer(tmp_path):
+    """Test that with several optimizers (manual optimization) each group's ratio is keyed as its norms are, and
+    is the change over that optimizer's step; gradient norms and updates come from the same logging step."""
+    model, recorder = ThreeOptimizers(), StepRecorder()
+    logger = pl.loggers.CSVLogger(tmp_path)
+    monitor = WeightNormMonitor(log_update_ratio=True, log_grad_norm=True)
+    pl.Trainer(
+        **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=6), callbacks=[monitor, recorder]
+    ).fit(model)
+    first, second, third = model.layers
+    expected = {
+        "SGD/decay": [first.weight],
+        "SGD/no_decay": [first.bias],
+        "SGD-1/pg1": list(second.parameters()),
+        "Adam/pg1": list(third.parameters()),
+    }
+    assert {c for c in columns(logger) if c.startswith("update_ratio")} == {f"update_ratio/{k}" for k in expected}
+    for key, params in expected.items():
+        values = logged(logger, f"update_ratio/{key}")
+        assert list(values) == [0, 1]
+        for step, value in values.items():
+            assert value == pytest.approx(recorder.ratio(step, params), rel=1e-5)
+        grads = logged(logger, f"grad_2.0_norm/{key}")
+        assert grads[1] == pytest.approx(norm([recorder.grads[1][p] for p in params]), rel=1e-5)
+
+
+class LBFGSModel(BoringModel):
+    """LBFGS (one group) runs the closure, and so `on_before_optimizer_step`, several times per step, moving the
+    weights between the calls."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+def test_monitor_update_ratio_covers_a_whole_lbfgs_step(tmp_path):
+    """Test that with a closure run several times per step the ratio is the change over the whole step, from the
+    weights before its first closure call."""
+    model, recorder = LBFGSModel(), StepRecorder()
+    logger = pl.loggers.CSVLogger(tmp_path)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=3)
+    pl.Trainer(**kwargs, callbacks=[WeightNormMonitor(log_update_ratio=True), recorder]).fit(model)
+    ratios = logged(logger, "update_ratio/pg1")
+    assert list(ratios) == [0, 1, 2]
+    for step, value in ratios.items():
+        assert value == pytest.approx(recorder.ratio(step, list(model.parameters())), rel=1e-5)
+
+
+def tensors_held(obj: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through attributes, dicts, lists and tuples."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    return [tensor for child in children for tensor in tensors_held(child, seen)]
+
+
+class HeldCopies(pl.Callback):
+    """Counts the elements of the weights' copies a monitor holds (tensors of the weights' dtype that are not the
+    model's parameters; the plan's own index tensors are integers and float64): after each batch, and just after
+    each optimizer step (from the module's `optimizer_step`)."""
+
+    def __init__(self, monitor: WeightNormMonitor) -> None:
+        self.monitor = monitor
+        self.after_batch: list[int] = []
+
+    def count(self, pl_module: pl.LightningModule) -> int:
+        params = {id(p) for p in pl_module.parameters()}
+        held = tensors_held(self.monitor)
+        return sum(t.numel() for t in held if t.dtype == torch.float32 and id(t) not in params)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_batch.append(self.count(pl_module))
+
+
+class CountsDuringStep(BoringModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe: HeldCopies | None = None
+        self.during_step: list[int] = []
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.during_step.append(self.probe.count(self))
+
+
+def test_monitor_keeps_weights_only_during_a_logged_step(tmp_path):
+    """Test that the monitor copies the weights on logging steps only, holds the copy from just before the optimizer
+    step to the end of that batch, and holds no copy between batches, nor any tensor once the fit ends."""
+    model = CountsDuringStep()
+    monitor = WeightNormMonitor(log_update_ratio=True)
+    model.probe = probe = HeldCopies(monitor)
+    logger = pl.loggers.CSVLogger(tmp_path)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=2, max_steps=6)
+    pl.Trainer(**kwargs, callbacks=[monitor, probe]).fit(model)
+    weights = sum(p.numel() for p in model.parameters())
+    assert model.during_step == [0, weights, 0, weights, 0, weights]  # steps 1, 3 and 5 log
+    assert probe.after_batch == [0] * 6
+    assert list(logged(logger, "update_ratio/pg1")) == [1, 3, 5]
+    assert tensors_held(monitor) == []  # teardown released the plans and the parameters they hold
+
+
+class AddsGroupMidFit(pl.Callback):
+    """Adds a param group with a new tensor before batch 2: the monitor's plan must follow."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 2:
+            pl_module.extra = nn.Parameter(torch.full((3,), 2.0))
+            trainer.optimizers[0].add_param_group({"params": [pl_module.extra], "name": "extra"})
+
+
+def test_monitor_builds_its_plan_once_and_again_when_the_groups_change(tmp_path, monkeypatch):
+    """Test that the monitor keeps its plan over logged steps and builds a new one when a group is added, whose
+    norms it then logs."""
+    built = []
+    original = NormPlan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NormPlan, "__init__", counting_init)
+    model = SGDModel()
+    logger = pl.loggers.CSVLogger(tmp_path)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=5)
+    pl.Trainer(**kwargs, callbacks=[WeightNormMonitor(), AddsGroupMidFit()]).fit(model)
+    assert len(built) == 2  # one plan for steps 0 and 1, one for steps 2 to 4
+    assert logged(logger, "weight_2.0_norm/extra") == pytest.approx(
+        {2: math.sqrt(12), 3: math.sqrt(12), 4: math.sqrt(12)}
+    )
+    assert logged(logger, "weight_2.0_norm/decay")[4] == pytest.approx(norm([model.layer.weight]), rel=1e-5)
 
 
 class MaskShareModel(NoDecayBoringModel):

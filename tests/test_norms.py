@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -12,7 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_nodecay.norms import _foreach_norm, _looped_norm, check_norm_type, fsdp_shard_group, group_norms
+from lightning_nodecay.norms import (
+    NormPlan,
+    NormStats,
+    PlanCache,
+    _foreach_norm,
+    _looped_norm,
+    check_norm_type,
+    fsdp_shard_group,
+    group_norms,
+    reduce_stats,
+    roots,
+)
 
 NORM_TYPES = (1.0, 2.0, 3.5, "inf")
 
@@ -116,9 +128,120 @@ def test_fsdp_shard_group_is_none_without_fsdp():
     assert fsdp_shard_group(nn.Sequential(nn.Linear(2, 2))) is None
 
 
+def update_oracle(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], norm_type) -> list[float]:
+    """Norms of each group's change, from float64 copies of the tensors before and after."""
+    changes = [
+        [a.double() - b.double() for a, b in zip(ga, gb, strict=True)] for ga, gb in zip(after, before, strict=True)
+    ]
+    return oracle(changes, norm_type)[0]
+
+
+def update_in_place(groups: list[list[torch.Tensor]], shift: float = 0.25) -> None:
+    """A change that is not proportional to the tensors: halve them, then add ``shift``."""
+    with torch.no_grad():
+        for group in groups:
+            for tensor in group:
+                tensor.mul_(0.5).add_(shift)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_plan_gives_the_norms_of_the_current_values_at_every_use(norm_type):
+    """Test that one plan, used again after the tensors changed in place, gives the norms of their new values, as a
+    new `group_norms` call does."""
+    groups = mixed_groups()
+    plan = NormPlan(groups)
+    p = check_norm_type(norm_type)
+    for _ in range(2):
+        result = plan.local(p).norms(p)
+        expected, total = oracle(groups, norm_type)
+        torch.testing.assert_close(result.norms, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+        assert result.total.item() == pytest.approx(total, rel=1e-5)
+        update_in_place(groups)
+
+
+@pytest.mark.parametrize(("dtype", "shift"), [(torch.float32, 0.25), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_plan_measures_the_change_since_its_snapshot(dtype, shift, norm_type):
+    """Test that `local_with_update` gives the norms of the current values and of their change since the snapshot,
+    over every path (packed 1-D and 2-D buffers, large tensors, 0-d, empty, non-contiguous), leaving the tensors'
+    values alone and emptying the snapshot. The change is taken in the tensors' dtype, exact when every element keeps
+    its sign and moves by less than its magnitude, as in an optimizer step: the bfloat16 case halves the tensors."""
+    groups = mixed_groups(dtype)
+    plan = NormPlan(groups)
+    before = [[t.detach().clone() for t in group] for group in groups]
+    snapshot = plan.snapshot()
+    update_in_place(groups, shift)
+    after = [[t.detach().clone() for t in group] for group in groups]
+    p = check_norm_type(norm_type)
+    weights, update = (stats.norms(p) for stats in plan.local_with_update(p, snapshot))
+    assert all(not copies for copies in snapshot)  # consumed: the copies are gone
+    assert all(torch.equal(a, t) for ga, g in zip(after, groups, strict=True) for a, t in zip(ga, g, strict=True))
+    torch.testing.assert_close(
+        weights.norms, torch.tensor(oracle(after, norm_type)[0], dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    expected = torch.tensor(update_oracle(before, after, norm_type), dtype=torch.float64)
+    torch.testing.assert_close(update.norms, expected, rtol=1e-5, atol=0)
+
+
+def test_roots_match_the_tensor_form():
+    """Test that the float form of the roots gives the norms `NormStats.norms` gives."""
+    stats = NormStats(torch.tensor([9.0, 0.0, 16.0], dtype=torch.float64), torch.tensor([1.0, 0.0, 2.0]))
+    for p in (2.0, 3.0, math.inf):
+        result = stats.norms(p)
+        norms, total = roots(stats.stats.tolist(), p)
+        assert norms == pytest.approx(result.norms.tolist(), rel=1e-12)
+        assert total == pytest.approx(result.total.item(), rel=1e-12)
+    assert roots([], 2.0) == ([], 0.0)
+    assert roots([], math.inf) == ([], 0.0)
+
+
+def test_reduce_stats_without_sharding_returns_the_parts():
+    """Test that nothing sharded means no collective: the parts come back as they are (no process group needed)."""
+    parts = [NormPlan([[torch.ones(3)]]).local(2.0), NormPlan([[torch.ones(2)], []]).local(2.0)]
+    assert reduce_stats(parts, 2.0, reduce=False) == parts
+
+
+def test_plan_cache_keeps_a_plan_while_the_groups_hold_the_same_tensors():
+    """Test that the cache gives back the same plan for the same tensors in new lists, and a new one when a group
+    holds another tensor, a tensor more, or a tensor with new storage."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    weight, bias, norm_weight, norm_bias = model.parameters()
+    cache = PlanCache()
+    plan = cache.plan(0, [[weight], [bias, norm_weight]])
+    assert cache.plan(0, [[weight], [bias, norm_weight]]) is plan
+    assert cache.plan(1, [[weight], [bias, norm_weight]]) is not plan  # another slot
+    assert cache.plan(0, [[weight], [bias, norm_bias]]) is not plan  # another tensor
+    plan = cache.plan(0, [[weight], [bias, norm_bias]])
+    assert cache.plan(0, [[weight], [bias, norm_bias, norm_weight]]) is not plan  # a tensor more
+    plan = cache.plan(0, [[weight], [bias]])
+    assert cache.plan(0, [[weight, bias]]) is not plan  # the same tensors, grouped otherwise
+    plan = cache.plan(0, [[weight], [bias]])
+    with torch.no_grad():
+        weight.data = weight.data.clone()  # new storage, the same object
+    assert cache.plan(0, [[weight], [bias]]) is not plan
+    cache.clear()
+    assert not cache._entries
+
+
+def test_plan_cache_follows_a_module_conversion():
+    """Test that converting the module (which keeps its parameter objects) gives a new plan, whose norms are those
+    of the converted values, accumulated in float64."""
+    model = nn.Linear(4, 3)
+    groups = [[model.weight], [model.bias]]
+    cache = PlanCache()
+    plan = cache.plan(0, groups)
+    model.double()
+    assert model.weight is groups[0][0]
+    converted = cache.plan(0, groups)
+    assert converted is not plan
+    result = converted.local(2.0).norms(2.0)
+    assert result.norms.tolist() == pytest.approx(oracle(groups, 2.0)[0], rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two gloo ranks. One spawn runs every scenario; each rank writes what it computed and the oracle, the tests below
-# assert on those files. A scenario returns (groups, sharded, process_group, oracle_groups_fn).
+# assert on those files. A scenario returns (groups, sharded, process_group, oracle_groups_fn, step_fn), where the
+# step changes the tensors as training does (a real SGD step through the wrapped model where there is one).
 
 
 def _model() -> nn.Module:
@@ -155,7 +278,7 @@ def _fsdp1(sharding: str):
         with FullyShardedDataParallel.summon_full_params(model):
             return [[p.detach().clone() for p in group] for group in groups]
 
-    return groups, shard_group is not None, shard_group, full
+    return groups, shard_group is not None, shard_group, full, lambda: _train_one_step(model, groups)
 
 
 def _fsdp2(mesh_shape: tuple[int, ...]):
@@ -167,10 +290,17 @@ def _fsdp2(mesh_shape: tuple[int, ...]):
     fully_shard(model, mesh=init_device_mesh("cpu", mesh_shape, mesh_dim_names=names))
     groups = _by_name(model)
     _train_one_step(model, groups)
+    step = functools.partial(_train_one_step, model, list(groups))
     # a plain tensor every rank holds in full, next to the sharded ones: counted once
     replicated = torch.arange(5.0)
     groups.append([replicated])
-    return groups, False, None, lambda: [[p.full_tensor() for p in group] for group in groups[:2]] + [[replicated]]
+    return (
+        groups,
+        False,
+        None,
+        lambda: [[p.full_tensor() for p in group] for group in groups[:2]] + [[replicated]],
+        step,
+    )
 
 
 def _zero3():
@@ -186,13 +316,19 @@ def _zero3():
         param.ds_numel = tensor.numel()
         param.ds_process_group = dist.group.WORLD
         params.append(param)
-    return [params[:2], params[2:]], False, None, lambda: [full[:2], full[2:]]
+
+    def step() -> None:
+        for tensor in [*full, *(param.ds_tensor for param in params)]:
+            tensor.mul_(0.5).add_(0.25)
+
+    return [params[:2], params[2:]], False, None, lambda: [full[:2], full[2:]], step
 
 
 def _replicated():
     """DDP: every rank holds every parameter in full, nothing is reduced."""
-    groups = _by_name(_model())
-    return groups, False, None, lambda: groups
+    model = _model()
+    groups = _by_name(model)
+    return groups, False, None, lambda: groups, lambda: _train_one_step(model, groups)
 
 
 SCENARIOS = {
@@ -205,8 +341,8 @@ SCENARIOS = {
 }
 
 
-def _counted_group_norms(*args, **kwargs):
-    """`group_norms`, counting the `all_reduce` calls it issues (instrumentation: the real collective runs)."""
+def _counted(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` and the number of `all_reduce` calls it issued (the real collective runs)."""
     calls = []
     original = dist.all_reduce
 
@@ -216,19 +352,44 @@ def _counted_group_norms(*args, **kwargs):
 
     dist.all_reduce = counting_all_reduce
     try:
-        return group_norms(*args, **kwargs), len(calls)
+        return function(*args, **kwargs), len(calls)
     finally:
         dist.all_reduce = original
+
+
+def _updates(groups, sharded, process_group, full, step) -> dict:
+    """Per norm type, the weights' and the update's norms over one step from one kept plan (and the oracles), the
+    collectives of their joint reduction; and whether a plan cache keeps the plan through the steps."""
+    cache = PlanCache(sharded=sharded, process_group=process_group)
+    plan = cache.plan(0, groups)
+    results = {}
+    for norm_type in NORM_TYPES:
+        p = check_norm_type(norm_type)
+        before = [[t.detach().clone() for t in group] for group in full()]
+        snapshot = plan.snapshot()
+        step()
+        local = list(plan.local_with_update(p, snapshot))
+        (weights, update), calls = _counted(reduce_stats, local, p, reduce=plan.reduce, process_group=process_group)
+        after = full()
+        results[str(norm_type)] = {
+            "weights": weights.norms(p).norms.tolist(),
+            "update": update.norms(p).norms.tolist(),
+            "expected_weights": oracle(after, norm_type)[0],
+            "expected_update": update_oracle(before, after, norm_type),
+            "calls": calls,
+        }
+    results["plan_kept"] = cache.plan(0, groups) is plan
+    return results
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     results = {}
     for name, scenario in SCENARIOS.items():
-        groups, sharded, process_group, full = scenario()
+        groups, sharded, process_group, full, step = scenario()
         results[name] = {"local_numels": [t.numel() for g in groups for t in g]}
         for norm_type in NORM_TYPES:
-            result, calls = _counted_group_norms(groups, norm_type, sharded=sharded, process_group=process_group)
+            result, calls = _counted(group_norms, groups, norm_type, sharded=sharded, process_group=process_group)
             expected, total = oracle(full(), norm_type)
             results[name][str(norm_type)] = {
                 "norms": result.norms.tolist(),
@@ -239,6 +400,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                 "expected_numels": [sum(t.numel() for t in g) for g in full()],
                 "calls": calls,
             }
+        results[name]["updates"] = _updates(groups, sharded, process_group, full, step)
     with open(f"{out_dir}/rank{rank}.json", "w") as file:
         json.dump(results, file)
     dist.destroy_process_group()
@@ -278,3 +440,23 @@ def test_group_norms_fsdp1_shards_include_empty_views(distributed_results):
     rank0, rank1 = (r["fsdp1"]["local_numels"] for r in distributed_results)
     assert 0 in rank0 + rank1
     assert [a + b for a, b in zip(rank0, rank1, strict=True)] == [32, 24, 8, 8, 8, 3]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_plan_measures_sharded_updates(distributed_results, scenario, norm_type):
+    """Test that on 2 ranks a kept plan gives the norms of the full weights and of their change over a real step
+    (FSDP1's views swapped by its forward and backward, FSDP2's DTensors), from one collective for both."""
+    expected_calls = 0 if scenario in ("fsdp1_no_shard", "replicated") else 1
+    for rank_results in distributed_results:
+        got = rank_results[scenario]["updates"][str(norm_type)]
+        assert got["weights"] == pytest.approx(got["expected_weights"], rel=1e-5)
+        assert got["update"] == pytest.approx(got["expected_update"], rel=1e-5)
+        assert any(got["update"])
+        assert got["calls"] == expected_calls
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_plan_cache_keeps_the_plan_through_sharded_steps(distributed_results, scenario):
+    """Test that sharded training steps keep the tensors' objects and storage, so that a kept plan is reused."""
+    assert all(rank_results[scenario]["updates"]["plan_kept"] for rank_results in distributed_results)
