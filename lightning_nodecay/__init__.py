@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_nodecay._layout import LayoutMismatchError
 from lightning_nodecay._semantics import DecayStyle
+from lightning_nodecay._shards import fsdp_shard_group
 from lightning_nodecay.groups import DecayDecision, decide, param_groups
 from lightning_nodecay.hook import WeightDecayHook, attach_weight_decay_hook
-from lightning_nodecay.norms import GroupNorms, fsdp_shard_group, group_norms
+from lightning_nodecay.norms import GroupNorms, group_norms
 from lightning_nodecay.plot import plot_weight_norms
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_MODULE_TYPES,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,50 @@ def group_name(group: Mapping[str, Any], index: int) -> str:
         ('pg1', 'no_decay')
     """
     return str(group.get(NAME, f"pg{index + 1}"))
+
+
+def optimizer_prefixes(optimizers: Sequence[Any]) -> list[str]:
+    """Each optimizer's prefix of logged keys: none for one, else ``SGD/``, ``SGD-1/``, ``Adam/``.
+
+    As ``LearningRateMonitor`` names several optimizers: the class, and a counter for repeated classes.
+
+    Example:
+        >>> import torch
+        >>> w = [torch.zeros(1, requires_grad=True)]
+        >>> optimizer_prefixes([torch.optim.SGD(w, lr=1), torch.optim.SGD(w, lr=1), torch.optim.Adam(w)])
+        ['SGD/', 'SGD-1/', 'Adam/']
+    """
+    if len(optimizers) < 2:
+        return [""] * len(optimizers)
+    seen: Counter[str] = Counter()
+    prefixes = []
+    for optimizer in optimizers:
+        name = type(optimizer).__name__
+        prefixes.append(f"{name}/" if seen[name] == 0 else f"{name}-{seen[name]}/")
+        seen[name] += 1
+    return prefixes
+
+
+def logged_names(optimizers: Sequence[Any], who: str) -> list[list[str]]:
+    """The name of every param group in logged keys, per optimizer, as ``LearningRateMonitor`` builds them.
+
+    A group's name (:func:`group_name`), prefixed by :func:`optimizer_prefixes` when there are several
+    optimizers: ``SGD/decay``, ``SGD-1/pg1``, ``Adam/pg1``.
+
+    Raises:
+        ValueError: two groups of one optimizer share a name; ``who`` is the callback that cannot tell them apart.
+    """
+    names = []
+    for optimizer, prefix in zip(optimizers, optimizer_prefixes(optimizers), strict=True):
+        group_names = [group_name(group, i) for i, group in enumerate(optimizer.param_groups)]
+        repeated = sorted({name for name in group_names if group_names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"`{who}` cannot tell apart the param groups of `{type(optimizer).__name__}` named"
+                f" {', '.join(f'`{name}`' for name in repeated)}: give each group of an optimizer its own `name`."
+            )
+        names.append([prefix + name for name in group_names])
+    return names
 
 
 def listed(names: Sequence[str], quoted: bool = False, shown: int = 4) -> str:

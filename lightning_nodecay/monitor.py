@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -19,17 +18,18 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_nodecay._lightning import Callback
-from lightning_nodecay._naming import group_name
+from lightning_nodecay._naming import logged_names
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, MASK_SHARE, PARAMS, WEIGHT_DECAY
+from lightning_nodecay._shards import fsdp_shard_group
 from lightning_nodecay.norms import (
     NormPlan,
     NormStats,
     PlanCache,
     check_norm_type,
-    fsdp_shard_group,
     reduce_stats,
     roots,
 )
+from lightning_nodecay.schedule import WeightDecayScheduler
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -112,6 +112,7 @@ class WeightNormMonitor(Callback):
         self.log_weight_decay = log_weight_decay
         self.log_update_ratio = log_update_ratio
         self._shard_group: Any = None
+        self._scheduler_logs_decay = False
         self._reset()
 
     def _reset(self) -> None:
@@ -141,7 +142,12 @@ class WeightNormMonitor(Callback):
             )
         model = trainer.strategy.model
         self._shard_group = fsdp_shard_group(pl_module if model is None else model)
-        _logged_names(trainer.optimizers)
+        logged_names(trainer.optimizers, "WeightNormMonitor")
+        # the scheduler logs `weight_decay/{group}` itself, with the same values: each key is logged once
+        self._scheduler_logs_decay = any(
+            isinstance(c, WeightDecayScheduler) and c.log_weight_decay
+            for c in trainer.callbacks  # type: ignore[attr-defined]  # a Trainer property
+        )
         self._reset()  # nothing left over from another fit
 
     @override
@@ -191,7 +197,7 @@ class WeightNormMonitor(Callback):
     ) -> dict[str, float]:
         """Every metric of a logging step, from ONE collective when sharded and ONE device sync."""
         p = self.norm_type
-        names = _logged_names(optimizers)
+        names = logged_names(optimizers, "WeightNormMonitor")
         flat_names = [name for per_optimizer in names for name in per_optimizer]
         weights, updates, updated = self._local_weights_and_updates(optimizers, snapshots)
         host = self._fetch([NormStats.join(weights), *grads.values(), *([NormStats.join(updates)] if updates else [])])
@@ -211,7 +217,8 @@ class WeightNormMonitor(Callback):
                 for name, norm, numel in zip(flat_names, norms, host, strict=True)
             )
         if self.log_weight_decay:
-            metrics.update(_weight_decay_metrics(flat_names, [g for o in optimizers for g in o.param_groups]))
+            groups = [g for o in optimizers for g in o.param_groups]
+            metrics.update(_weight_decay_metrics(flat_names, groups, with_decay=not self._scheduler_logs_decay))
         return metrics
 
     def _fetch(self, parts: list[NormStats]) -> Iterator[float]:
@@ -293,43 +300,18 @@ def _logged_step(trainer: pl.Trainer) -> int | None:
     return step if every and (step + 1) % every == 0 else None
 
 
-def _logged_names(optimizers: list[Optimizer]) -> list[list[str]]:
-    """The name of every param group, per optimizer, as ``LearningRateMonitor`` builds them.
-
-    A group's ``"name"``, else ``pg{i}`` counting from 1 (``_naming.group_name``); with
-    several optimizers, prefixed by the optimizer class and a counter for repeated classes: ``SGD/decay``,
-    ``SGD-1/pg1``, ``Adam/pg1``.
-    """
-    seen: Counter[str] = Counter()
-    names = []
-    for optimizer in optimizers:
-        group_names = [group_name(group, i) for i, group in enumerate(optimizer.param_groups)]
-        optimizer_name = type(optimizer).__name__
-        repeated = sorted({name for name in group_names if group_names.count(name) > 1})
-        if repeated:
-            raise ValueError(
-                f"`WeightNormMonitor` cannot tell apart the param groups of `{optimizer_name}` named"
-                f" {', '.join(f'`{name}`' for name in repeated)}: give each group of an optimizer its own `name`."
-            )
-        if len(optimizers) > 1:
-            seen[optimizer_name] += 1
-            prefix = optimizer_name if seen[optimizer_name] == 1 else f"{optimizer_name}-{seen[optimizer_name] - 1}"
-            group_names = [f"{prefix}/{name}" for name in group_names]
-        names.append(group_names)
-    return names
-
-
-def _weight_decay_metrics(names: list[str], groups: list[dict[str, Any]]) -> dict[str, float]:
-    """Each group's effective decay, and the share of its elements under per-element masks.
+def _weight_decay_metrics(names: list[str], groups: list[dict[str, Any]], with_decay: bool) -> dict[str, float]:
+    """Each group's effective decay (when ``with_decay``), and the share of its elements under masks.
 
     The effective decay is the optimizer's ``weight_decay`` plus the ``hook_weight_decay`` that per-element
     masks move out of the optimizer (which then sees 0).
     """
-    metrics = {}
+    metrics: dict[str, float] = {}
     for name, group in zip(names, groups, strict=True):
-        if WEIGHT_DECAY in group or HOOK_WEIGHT_DECAY in group:
-            decay = float(group.get(WEIGHT_DECAY, 0.0)) + float(group.get(HOOK_WEIGHT_DECAY, 0.0))
-            metrics[f"weight_decay/{name}"] = decay
+        if with_decay and (WEIGHT_DECAY in group or HOOK_WEIGHT_DECAY in group):
+            metrics[f"weight_decay/{name}"] = float(group.get(WEIGHT_DECAY, 0.0)) + float(
+                group.get(HOOK_WEIGHT_DECAY, 0.0)
+            )
         if MASK_SHARE in group:
             metrics[f"weight_decay_mask_share/{name}"] = float(group[MASK_SHARE])
     return metrics

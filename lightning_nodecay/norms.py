@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_nodecay._shards import local_part, localize
+
 #: On CPU, tensors with fewer elements than this are packed into scratch buffers before the reduction.
 _PACK_BELOW = 1 << 14
 #: Tensors per scratch buffer: at most 4M elements (16 MB of float32).
@@ -324,27 +326,6 @@ class PlanCache:
         self._entries.clear()
 
 
-def fsdp_shard_group(module: nn.Module) -> Any:
-    """The process group FSDP1 shards ``module``'s parameters over, or ``None`` when FSDP1 does not shard it.
-
-    ``None`` also for ``NO_SHARD`` (every rank holds every parameter) and for FSDP2, whose DTensor parameters
-    :func:`group_norms` recognises on its own. Pass the result on as
-    ``group_norms(..., sharded=group is not None, process_group=group)``.
-
-    Example:
-        >>> fsdp_shard_group(nn.Linear(2, 2)) is None
-        True
-    """
-    if not dist.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-
-    for unit in FullyShardedDataParallel.fsdp_modules(module):
-        if unit.sharding_strategy != ShardingStrategy.NO_SHARD:
-            return unit.process_group
-    return None
-
-
 class _GroupParts:
     """The non-empty local parts of one group's tensors, in buckets reduced together.
 
@@ -366,7 +347,7 @@ class _GroupParts:
             if type(tensor) in _PLAIN_TYPES and getattr(tensor, "ds_tensor", None) is None:
                 local, replicas, own = tensor, plain, True
             else:
-                local, replicas = _local_part(tensor, sharded)
+                local, replicas = local_part(tensor, sharded)
                 own = local is tensor
                 self.sharded |= replicas > 0
             cpu = local.is_cpu
@@ -387,7 +368,7 @@ class _GroupParts:
     def numel(self, world: int) -> float:
         """The group's element count, each local element counted ``1 / replicas`` (``1 / world`` for 0)."""
         return sum(
-            sum(map(Tensor.numel, tensors if own else map(_localize, tensors))) / (replicas or world)
+            sum(map(Tensor.numel, tensors if own else map(localize, tensors))) / (replicas or world)
             for (_, replicas, _, _, own), tensors in self.buckets.items()
         )
 
@@ -401,7 +382,7 @@ class _Bucket:
 
     def values(self) -> list[Tensor]:
         """``pieces`` tensors holding exactly the local elements: packed buffers, or the local parts themselves."""
-        tensors = self.tensors if self.own else [_localize(tensor) for tensor in self.tensors]
+        tensors = self.tensors if self.own else [localize(tensor) for tensor in self.tensors]
         if not self.packed:
             return tensors
         return [torch.cat(tensors[i : i + _PACK_COUNT]) for i in range(0, len(tensors), _PACK_COUNT)]
@@ -455,50 +436,6 @@ def _storage(groups: Sequence[Sequence[Tensor]]) -> tuple[int, ...]:
     return tuple(map(Tensor.data_ptr, itertools.chain.from_iterable(groups)))
 
 
-def _local_part(tensor: Tensor, sharded: bool) -> tuple[Tensor, int]:
-    """The elements of ``tensor`` this rank holds and how many ranks hold them (0: every rank)."""
-    if _DTENSOR is not None and isinstance(tensor, _DTENSOR):
-        return tensor.to_local(), _dtensor_replicas(tensor)  # type: ignore[attr-defined]
-    partition = getattr(tensor, "ds_tensor", None)
-    if partition is not None:
-        return _zero3_local(tensor, partition), 1
-    return tensor, 1 if sharded else 0
-
-
-def _localize(tensor: Any) -> Tensor:
-    """The elements this rank holds of a DTensor or a ZeRO-3 parameter (the tensors :func:`_local_part` changes)."""
-    if _DTENSOR is not None and isinstance(tensor, _DTENSOR):
-        return tensor.to_local()  # type: ignore[attr-defined]
-    return _zero3_local(tensor, tensor.ds_tensor)
-
-
-def _dtensor_replicas(tensor: Any) -> int:
-    """How many ranks of the DTensor's mesh hold its local shard (0 when it is fully replicated)."""
-    replicas, has_shard = 1, False
-    for dim, placement in enumerate(tensor.placements):
-        if placement.is_partial():
-            raise ValueError(
-                "`group_norms` got a DTensor with a `Partial` placement (a pending reduction), whose local"
-                " values are not its elements. Reduce it first, e.g. `tensor.redistribute(placements=...)`."
-            )
-        if placement.is_shard():
-            has_shard = True
-        else:
-            replicas *= tensor.device_mesh.size(dim)
-    return replicas if has_shard else 0
-
-
-def _zero3_local(param: Any, partition: Tensor) -> Tensor:
-    """The elements of a DeepSpeed ZeRO-3 ``param`` this rank holds: its ``ds_tensor`` without padding.
-
-    ZeRO-3 splits the flattened parameter into equal partitions of its process group; the last ones are
-    padded past ``param.ds_numel`` with uninitialised memory, which must not enter the norm.
-    """
-    rank = dist.get_rank(getattr(param, "ds_process_group", None))
-    size = partition.numel()
-    return partition.reshape(-1).narrow(0, 0, min(size, max(0, param.ds_numel - rank * size)))
-
-
 def _all_reduce(stats: Tensor, numels: Tensor, p: float, process_group: Any) -> tuple[Tensor, Tensor]:
     """Reduce the per-group statistics (and element counts, for finite ``p``) in ONE collective."""
     if p == math.inf:
@@ -526,20 +463,6 @@ def _pick_foreach_norm() -> Callable[[list[Tensor], float, torch.dtype], list[Te
     return _foreach_norm
 
 
-def _dtensor_class() -> type | None:
-    if not dist.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.4
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
 _PLAIN_TYPES = (Tensor, nn.Parameter)
 _CPU = torch.device("cpu")
 _FOREACH_NORM = _pick_foreach_norm()
-_DTENSOR = _dtensor_class()

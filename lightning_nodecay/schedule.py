@@ -12,7 +12,6 @@ A Lightning callback, and a plain object for Fabric or a raw loop (``step()``, `
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -20,7 +19,7 @@ from torch.optim import Optimizer
 
 from lightning_nodecay._invariant import current_base, effective_decay
 from lightning_nodecay._lightning import Callback, logged_step
-from lightning_nodecay._naming import group_name
+from lightning_nodecay._naming import logged_names
 from lightning_nodecay._schedules import Schedule, as_schedule, constant, cosine, linear
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
 from lightning_nodecay._semantics import unwrap_optimizer
@@ -239,10 +238,10 @@ class WeightDecayScheduler(Callback):
         if not self.log_weight_decay or not trainer.loggers or step is None:
             return
         optimizer = self._optimizers[index]
-        prefix = _optimizer_prefixes(self._optimizers)[index]
+        names = logged_names(self._optimizers, "WeightDecayScheduler")[index]
         metrics = {
-            f"weight_decay/{prefix}{group_name(group, i)}": effective_decay(group)
-            for i, group in enumerate(optimizer.param_groups)
+            f"weight_decay/{name}": effective_decay(group)
+            for name, group in zip(names, optimizer.param_groups, strict=True)
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -295,16 +294,3 @@ def _ratio(group: dict[str, Any], optimizer: Optimizer) -> float:
 def _callable_name(schedule: Callable[[int], float]) -> str:
     """A name of ``schedule`` that is the same in every run (no memory address)."""
     return str(getattr(schedule, "__qualname__", type(schedule).__qualname__))
-
-
-def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:
-    """Each optimizer's prefix of logged keys: none for one, else ``SGD/``, ``SGD-1/``, ``Adam/`` (as the monitors)."""
-    if len(optimizers) < 2:
-        return [""] * len(optimizers)
-    seen: Counter[str] = Counter()
-    prefixes = []
-    for optimizer in optimizers:
-        name = type(optimizer).__name__
-        prefixes.append(f"{name}/" if seen[name] == 0 else f"{name}-{seen[name]}/")
-        seen[name] += 1
-    return prefixes

@@ -29,6 +29,7 @@ CORE = (
     "_invariant",
     "_layer_ids",
     "_schedules",
+    "_shards",
 )
 GLUE = ("_lightning", "_lifecycle", "_checkpoint", "mixin", "monitor", "finetuning", "schedule")
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric")

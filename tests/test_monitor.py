@@ -517,3 +517,45 @@ def test_monitor_under_ddp_logs_the_norms_of_the_weights(tmp_path):
     assert float(rows[2]["weight_2.0_norm/no_decay"]) == pytest.approx(norm([final["layer.bias"]]), rel=1e-5)
     assert float(rows[2]["weight_2.0_norm_total"]) == pytest.approx(norm(list(final.values())), rel=1e-5)
     assert float(rows[2]["grad_2.0_norm/decay"]) > 0
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """A logger that keeps every `log_metrics` call, to count how often each key is logged at a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def test_monitor_leaves_weight_decay_to_the_scheduler(tmp_path):
+    """Test that with a `WeightDecayScheduler` logging it, `weight_decay/{group}` is logged once per step, not twice,
+    while the monitor still logs the norms."""
+    from lightning_nodecay import WeightDecayScheduler
+
+    logger = RecordingLogger()
+    scheduler = WeightDecayScheduler("linear", start=0.1, end=0.2, total_steps=3)
+    monitor = WeightNormMonitor(log_weight_decay=True)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1, max_steps=3)
+    pl.Trainer(**kwargs, callbacks=[scheduler, monitor]).fit(NoDecayBoringModel())
+    per_step: dict[int, int] = {}
+    for step, metrics in logger.calls:
+        if "weight_decay/decay" in metrics:
+            per_step[step] = per_step.get(step, 0) + 1
+    assert per_step == {0: 1, 1: 1, 2: 1}
+    assert any("weight_2.0_norm/decay" in metrics for _, metrics in logger.calls)
+    values = [m["weight_decay/decay"] for _, m in logger.calls if "weight_decay/decay" in m]
+    assert values == pytest.approx([0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3])

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from lightning_nodecay import fsdp_shard_group
 from lightning_nodecay.norms import (
     NormPlan,
     NormStats,
@@ -20,7 +21,6 @@ from lightning_nodecay.norms import (
     _foreach_norm,
     _looped_norm,
     check_norm_type,
-    fsdp_shard_group,
     group_norms,
     reduce_stats,
     roots,
