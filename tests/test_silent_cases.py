@@ -33,6 +33,14 @@ SGD = functools.partial(torch.optim.SGD, lr=LR, weight_decay=WD)
 ADAMW = functools.partial(torch.optim.AdamW, lr=LR, weight_decay=WD)
 
 
+def closure_loss(closure: Any) -> Any:
+    """What third-party optimizers' `step` does first: run the closure with gradients on, if there is one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Net(NoDecayMixin, pl.LightningModule):
     """``body`` Linear(4, 4) -> tanh -> ``head`` Linear(4, 2); ``batches`` batches of 4 per epoch (default one).
 
@@ -362,10 +370,7 @@ class CachesBaseLrs(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group, base_lr in zip(self.param_groups, self.base_lrs):  # noqa: B905 (the pattern under test)
             for p in group["params"]:
                 if p.grad is not None:
@@ -523,10 +528,7 @@ class MuonLike(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -605,10 +607,7 @@ class LionLike(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
             wd = wd / self._init_lr if self.decoupled_wd else wd
