@@ -469,17 +469,29 @@ def test_lr_find_then_fit_keeps_the_ratios(tmp_path):
     assert len({lr for lr in model.seen[0]}) == 6  # one lr per layer
 
 
-def test_learning_rate_finder_callback_in_the_fit_refused_before_the_first_step(tmp_path):
-    """Test Lightning's `LearningRateFinder` as a callback of the fit itself: after its sweep it sets every group of the
-    running optimizer to the suggestion (`pg["lr"] = lr`), flattening the layer decay; the mixin refuses before the
-    first step of the fit."""
+def test_learning_rate_finder_callback_in_the_fit_keeps_the_ratios_or_is_refused(tmp_path):
+    """Test Lightning's `LearningRateFinder` as a callback of the fit itself: either the fit's steps train at the
+    declared ratios, or the fit is refused before its first step. Lightning 2.6 sets every group of the running
+    optimizer to the suggestion after the sweep (`pg["lr"] = lr`), flattening the layer decay: refused; Lightning
+    2.4 leaves the groups' own learning rates: the ratios hold."""
     model = TunableViT()
     finder = LearningRateFinder(min_lr=1e-5, max_lr=1.0, num_training_steps=30, early_stop_threshold=None)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=35, callbacks=[finder]))
-    with pytest.raises(ValueError, match=r"no longer train at their declared learning-rate ratios"):
+    refused = None
+    try:
         trainer.fit(model)
-    assert len(model.seen) == 30  # the sweep's steps only
-    assert trainer.global_step == 0  # restored from the finder's checkpoint; no step of the fit
+    except ValueError as error:
+        refused = str(error)
+    if refused is not None:
+        assert "no longer train at their declared learning-rate ratios" in refused
+        assert len(model.seen) == 30  # the sweep's steps only
+        assert trainer.global_step == 0  # restored from the finder's checkpoint; no step of the fit
+        return
+    fit_steps = model.seen[30:]
+    assert fit_steps
+    for lrs in fit_steps:  # one lr per layer, at the declared ratios
+        top = max(lrs)
+        assert sorted({round(lr / top, 9) for lr in lrs}) == sorted({round(DECAY**k, 9) for k in range(6)})
 
 
 # -- LightningCLI ----------------------------------------------------------------------------------------
