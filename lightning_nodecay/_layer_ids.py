@@ -64,7 +64,11 @@ class LayerAssignment:
         Raises:
             KeyError: if ``name`` has no layer id.
         """
-        return decay ** (self.num_layers - 1 - self.ids[name])
+        return self.scales(decay)[self.ids[name]]
+
+    def scales(self, decay: float) -> list[float]:
+        """The learning-rate factor of each layer id: ``decay ** (num_layers - 1 - id)``."""
+        return [decay ** (self.num_layers - 1 - layer) for layer in range(self.num_layers)]
 
 
 def assign_layers(

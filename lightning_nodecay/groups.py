@@ -197,8 +197,7 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
 def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Collection[DecayDecision]) -> None:
     """Scale every decision's learning rate by its layer's ``layer_decay ** (n - 1 - layer)``."""
     layers = assign_layers(module, rules.layer_ids, trainable=[d.name for d in decisions])
-    decay, top = float(rules.layer_decay or 1.0), layers.num_layers - 1
-    scales = [decay ** (top - layer) for layer in range(layers.num_layers)]
+    scales = layers.scales(float(rules.layer_decay or 1.0))
     reasons: dict[tuple[int, str], str] = {}  # one string per layer and source, not per parameter
     for decision in decisions:
         layer, source = layers.ids[decision.name], layers.sources[decision.name]

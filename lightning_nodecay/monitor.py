@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_nodecay._lightning import Callback
+from lightning_nodecay._lightning import Callback, logged_step
 from lightning_nodecay._naming import logged_names
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, MASK_SHARE, PARAMS, WEIGHT_DECAY
 from lightning_nodecay._shards import fsdp_shard_group
@@ -161,7 +161,7 @@ class WeightNormMonitor(Callback):
     ) -> None:
         """Note that the optimizer steps; on logging steps, take the gradient norms and the weights, if asked."""
         self._stepped = True
-        if not (self.log_grad_norm or self.log_update_ratio) or _logged_step(trainer) is None:
+        if not (self.log_grad_norm or self.log_update_ratio) or logged_step(trainer) is None:
             return
         index = next(i for i, candidate in enumerate(trainer.optimizers) if candidate is optimizer)
         if self.log_grad_norm:
@@ -182,7 +182,7 @@ class WeightNormMonitor(Callback):
         self._stepped = False
         grads, snapshots = self._grads, self._snapshots
         self._grads, self._snapshots = {}, {}
-        step = _logged_step(trainer)
+        step = logged_step(trainer)
         if step is None:
             return
         metrics = self._metrics(trainer.optimizers, grads, snapshots)
@@ -285,19 +285,6 @@ def _ratio(change: float, size: float) -> float:
     if not change:
         return 0.0
     return change / size if size else math.inf
-
-
-def _logged_step(trainer: pl.Trainer) -> int | None:
-    """The step this batch's metrics are logged under, or ``None`` when the batch is not a logging step.
-
-    Lightning logs ``self.log`` values, and ``LearningRateMonitor`` its learning rates, under the number of
-    batches that stepped the optimizers so far (not ``global_step``, which counts every optimizer's steps
-    under manual optimization), on the batches where that number plus one is a multiple of
-    ``log_every_n_steps``. The count is only reachable as the fit loop's ``_batches_that_stepped``.
-    """
-    every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set in the Trainer's __init__
-    step: int = trainer.fit_loop.epoch_loop._batches_that_stepped
-    return step if every and (step + 1) % every == 0 else None
 
 
 def _weight_decay_metrics(names: list[str], groups: list[dict[str, Any]], with_decay: bool) -> dict[str, float]:
