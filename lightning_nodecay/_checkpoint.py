@@ -27,7 +27,7 @@ from lightning_nodecay._remap import (
     source_groups,
     with_current_decisions,
 )
-from lightning_nodecay._schema import LAYOUTS, LR_SCHEDULERS, MASKS_STATE, OPTIMIZER_STATES, PARAMS
+from lightning_nodecay._schema import LAYOUTS, LR_SCHEDULERS, MASKS_STATE, OPTIMIZER_STATES, PARAMS, REFERENCES_STATE
 from lightning_nodecay.hook import WeightDecayHook
 
 #: The key of an optimizer ``state_dict`` (torch's own) that holds the param groups.
@@ -164,11 +164,12 @@ def _restore_decisions(states: list[dict[str, Any]], optimizers: Sequence[Any]) 
                     " rules and optimizer, which decide it"
                 )
             saved_groups[index] = with_current_decisions(saved, current)
-        if state.get(MASKS_STATE) and WeightDecayHook.of(optimizer) is None:
-            state.pop(MASKS_STATE)
-            messages.append(
-                f"{label}: the checkpoint's weight-decay masks are not used: the current rules declare none"
-            )
+        for key, what in ((MASKS_STATE, "masks"), (REFERENCES_STATE, "references")):
+            if state.get(key) and WeightDecayHook.of(optimizer) is None:
+                state.pop(key)
+                messages.append(
+                    f"{label}: the checkpoint's weight-decay {what} are not used: the current rules declare none"
+                )
     return messages
 
 

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_nodecay._naming import clean_name, param_names, unwrap
-from lightning_nodecay._schema import PARAMS, PENALTY, WEIGHT_DECAY
-from lightning_nodecay._semantics import group_penalty, quoted_group_name
+from lightning_nodecay._schema import PARAMS, PENALTY, TOWARD, WEIGHT_DECAY
+from lightning_nodecay._semantics import group_penalty, group_toward, quoted_group_name
 from lightning_nodecay.groups import DecayDecision
 
 #: Masks keyed by parameter name (needs ``module``), by parameter, or both.
@@ -70,6 +70,32 @@ def check_mask(name: str, param: Tensor, mask: object) -> Tensor:
     return mask.detach().to(device=param.device, dtype=param.dtype)
 
 
+def check_reference(name: str, param: Tensor, reference: object) -> Tensor:
+    """Validate one reference and copy it into the parameter's device, dtype and sharding (a DTensor's placements).
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: another shape than the parameter, or NaN or inf values.
+    """
+    if not isinstance(reference, Tensor):
+        raise TypeError(f"The weight-decay reference of `{name}` must be a tensor; got {type(reference).__name__}.")
+    if reference.shape != param.shape:
+        raise ValueError(
+            f"The weight-decay reference of `{name}` has shape {tuple(reference.shape)}, the parameter"
+            f" {tuple(param.shape)}: a reference is the parameter's own value in another model of this architecture."
+        )
+    reference = reference.detach()
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None and getattr(reference, "device_mesh", None) is None:  # a full tensor for a DTensor parameter
+        from torch.distributed.tensor import distribute_tensor
+
+        reference = distribute_tensor(reference.to(param.dtype), mesh, param.placements)  # type: ignore[attr-defined]
+    finite = torch.isfinite(reference).all()
+    if not bool(finite.full_tensor() if hasattr(finite, "full_tensor") else finite):
+        raise ValueError(f"The weight-decay reference of `{name}` contains NaN or inf.")
+    return reference.to(device=param.device, dtype=param.dtype, copy=True)
+
+
 class HookNames:
     """Parameter names for keys and messages, from the module, the decisions or the optimizer."""
 
@@ -93,38 +119,38 @@ class HookNames:
     def of(self, param: Tensor) -> str:
         return self._names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
 
-    def resolve(self, masks: Masks | None) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(parameter, mask)`` pairs, each parameter once, names checked."""
+    def resolve(self, masks: Masks | None, what: str = "mask") -> Iterator[tuple[Tensor, Tensor]]:
+        """``(parameter, mask)`` pairs (or references, ``what="reference"``), each parameter once, names checked."""
         if masks is None:
             return
         if not isinstance(masks, Mapping):
             raise TypeError(
-                f"Weight-decay masks must be a dict `{{parameter name: tensor}}`; got {type(masks).__name__}."
+                f"Weight-decay {what}s must be a dict `{{parameter name: tensor}}`; got {type(masks).__name__}."
             )
         seen: dict[int, str] = {}
         for key, mask in masks.items():
-            param = self._param(key)
+            param = self._param(key, what)
             if id(param) in seen:
                 raise ValueError(
-                    f"Parameter `{self.of(param)}` has two weight-decay masks (keys `{seen[id(param)]}` and"
+                    f"Parameter `{self.of(param)}` has two weight-decay {what}s (keys `{seen[id(param)]}` and"
                     f" `{key if isinstance(key, str) else self.of(param)}`); give one."
                 )
             seen[id(param)] = key if isinstance(key, str) else self.of(param)
             yield param, mask
 
-    def _param(self, key: object) -> Tensor:
+    def _param(self, key: object, what: str) -> Tensor:
         if isinstance(key, Tensor):
             if not key.requires_grad:
                 raise ValueError(
-                    f"Parameter `{self.of(key)}` has a weight-decay mask but is frozen (requires_grad=False), so it"
-                    " is never decayed. Remove the mask, or unfreeze the parameter."
+                    f"Parameter `{self.of(key)}` has a weight-decay {what} but is frozen (requires_grad=False), so it"
+                    f" is never decayed. Remove the {what}, or unfreeze the parameter."
                 )
             return key
         if not isinstance(key, str):
-            raise TypeError(f"Weight-decay masks are keyed by parameter name or parameter; got {key!r}.")
+            raise TypeError(f"Weight-decay {what}s are keyed by parameter name or parameter; got {key!r}.")
         if self.module is None:
             raise TypeError(
-                f"The weight-decay mask `{key}` is keyed by name: pass the model as"
+                f"The weight-decay {what} `{key}` is keyed by name: pass the model as"
                 " `attach_weight_decay_hook(..., module=model)` so names can be resolved."
             )
         param = self.by_name.get(clean_name(key))
@@ -133,13 +159,13 @@ class HookNames:
             close = difflib.get_close_matches(key, trainable, n=3)
             hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
             raise ValueError(
-                f"Weight-decay mask for unknown parameter `{key}`.{hint} Key masks by the parameter names that"
+                f"Weight-decay {what} for unknown parameter `{key}`.{hint} Key {what}s by the parameter names that"
                 " `lightning_nodecay.decide(module)` reports (`named_parameters()` without wrapper segments)."
             )
         if not param.requires_grad:
             raise ValueError(
-                f"Parameter `{key}` has a weight-decay mask but is frozen (requires_grad=False), so it is"
-                " never decayed. Remove the mask, or unfreeze the parameter."
+                f"Parameter `{key}` has a weight-decay {what} but is frozen (requires_grad=False), so it is"
+                f" never decayed. Remove the {what}, or unfreeze the parameter."
             )
         return param
 
@@ -156,14 +182,21 @@ class HookNames:
                 " (`param_groups(...)` and `NoDecayMixin.configure_param_groups()` do)."
             )
 
-    def check_l1(self, optimizer: Optimizer, placed: Mapping[int, int]) -> None:
-        """Refuse an L1-decided parameter sitting in a group that is not an L1 group."""
+    def check_forms(self, optimizer: Optimizer, placed: Mapping[int, int]) -> None:
+        """Refuse an L1 or toward-reference decision sitting in a group that is not an L1 or reference group."""
         for decision in self.decisions:
             index = placed.get(id(decision.param))
-            if decision.penalty == "l1" and index is not None and group_penalty(optimizer, index) != "l1":
-                raise ValueError(
-                    f"Parameter `{decision.name}` should get an L1 penalty ({decision.reason}) but is in"
-                    f" group {quoted_group_name(optimizer, index)} of `{type(optimizer).__name__}`, which has no"
-                    f" `'{PENALTY}': 'l1'`. Build the groups with `param_groups(...)` or"
-                    " `NoDecayMixin.configure_param_groups()`, which put it in an L1 group."
-                )
+            if index is None or decision.multiplier == 0:
+                continue
+            if decision.penalty == "l1" and group_penalty(optimizer, index) != "l1":
+                self._refuse_form(optimizer, decision, index, "an L1 penalty", f"'{PENALTY}': 'l1'")
+            if decision.toward == "initial" and group_toward(optimizer, index) != "initial":
+                self._refuse_form(optimizer, decision, index, "decay toward its reference", f"'{TOWARD}': 'initial'")
+
+    @staticmethod
+    def _refuse_form(optimizer: Optimizer, decision: DecayDecision, index: int, form: str, key: str) -> None:
+        raise ValueError(
+            f"Parameter `{decision.name}` should get {form} ({decision.reason}) but is in group"
+            f" {quoted_group_name(optimizer, index)} of `{type(optimizer).__name__}`, which has no `{key}`. Build the"
+            " groups with `param_groups(...)` or `NoDecayMixin.configure_param_groups()`, which put it in its group."
+        )

@@ -34,9 +34,11 @@ from lightning_nodecay._schema import (
     LR_FAMILY,
     PARAMS,
     PENALTY,
+    TOWARD,
     WEIGHT_DECAY,
     WEIGHT_DECAY_MULTIPLIER,
     Penalty,
+    Toward,
 )
 from lightning_nodecay._semantics import own_decay_keys
 from lightning_nodecay.groups import DecayDecision, decided_group_name
@@ -137,7 +139,7 @@ class DecayInvariant:
             decided = [self._decisions[id(p)] for p in group[PARAMS] if id(p) in self._decisions]
             if not decided:
                 continue
-            kinds = {(d.multiplier, d.penalty) for d in decided}
+            kinds = {(d.multiplier, d.penalty, d.toward) for d in decided}
             self._check_membership(optimizer, index, decided, kinds, hook)
             multiplier = next(iter(kinds))[0] if len(kinds) == 1 else _MIXED
             names = tuple(d.name for d in decided[:5])
@@ -162,12 +164,13 @@ class DecayInvariant:
         optimizer: Optimizer,
         index: int,
         decided: Sequence[DecayDecision],
-        kinds: set[tuple[float, Penalty]],
+        kinds: set[tuple[float, Penalty, Toward]],
         hook: WeightDecayHook | None,
     ) -> None:
         group = optimizer.param_groups[index]
         where = f"Param group `{group_name(group, index)}` of `{type(optimizer).__name__}`"
-        penalties = {penalty for _, penalty in kinds}
+        penalties = {penalty for _, penalty, _ in kinds}
+        targets = {toward for _, _, toward in kinds}
         if len(kinds) > 1 and effective_decay(group):
             excluded = [d.name for d in decided if d.multiplier == 0]
             if excluded:
@@ -189,13 +192,20 @@ class DecayInvariant:
                 f"{where} holds parameters with an L1 penalty ({listed([d.name for d in decided], quoted=True)}) but"
                 f" is no L1 group (`{PENALTY}='l1'`), so they would get L2. {self._fix()}"
             )
-        needs_hook = group.get(PENALTY) == "l1" or HOOK_WEIGHT_DECAY in group
+        if targets == {"initial"} and group.get(TOWARD) != "initial" and effective_decay(group):
+            raise ValueError(
+                f"{where} holds parameters to decay toward their reference"
+                f" ({listed([d.name for d in decided], quoted=True)}) but is no reference group"
+                f" (`{TOWARD}='initial'`), so they would decay toward zero. {self._fix()}"
+            )
+        needs_hook = group.get(PENALTY) == "l1" or group.get(TOWARD) == "initial" or HOOK_WEIGHT_DECAY in group
         covered = hook is not None and index in hook.hooked_groups
         if needs_hook and not covered and effective_decay(group):
             raise ValueError(
-                f"{where} carries `{HOOK_WEIGHT_DECAY}`/`{PENALTY}` (masks or L1) but no weight-decay step hook applies"
-                " it, so its parameters would not be decayed as declared (a checkpoint of a masked or L1 run"
-                " restored into an optimizer without the hook does this). Attach the hook"
+                f"{where} carries `{HOOK_WEIGHT_DECAY}`/`{PENALTY}`/`{TOWARD}` (masks, L1 or a reference) but no"
+                " weight-decay step hook applies it, so its parameters would not be decayed as declared (a checkpoint"
+                " of such a run restored into an optimizer without the hook, or a group added after fit start"
+                " without `WeightDecayHook.add_groups`, does this). Attach the hook"
                 " (`lightning_nodecay.attach_weight_decay_hook`), or rebuild the optimizer from the current rules."
             )
         if covered and hook is not None and not hook.holds(index, group[PARAMS]):
@@ -296,7 +306,7 @@ def _fingerprint(groups: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
 def _one_per_kind(decided: Sequence[DecayDecision]) -> list[DecayDecision]:
     seen: dict[str, DecayDecision] = {}
     for decision in decided:
-        seen.setdefault(decided_group_name(decision.multiplier, decision.penalty), decision)
+        seen.setdefault(decided_group_name(decision.multiplier, decision.penalty, toward=decision.toward), decision)
     return list(seen.values())
 
 

@@ -1,7 +1,10 @@
 """The multi-tensor kernels of the weight-decay step hook: L2 and L1, coupled and decoupled. Pure PyTorch.
 
-Each kernel takes the parameters, their gradients and optional per-element masks of one batch, and the
-value to apply (``wd`` for the coupled style, ``lr * wd`` for the decoupled one), and updates in place.
+Each kernel takes the parameters, their gradients, optional per-element masks and optional references of one
+batch, and the value to apply (``wd`` for the coupled style, ``lr * wd`` for the decoupled one), and updates in
+place. With references the penalty is taken of ``p - p0`` instead of ``p`` (L2-SP): the coupled L2 step adds
+``value * mask * (p - p0)`` to the gradient, the decoupled one moves ``p`` toward ``p0`` by that much, L1 uses
+``sign(p - p0)`` (coupled) or the proximal step toward ``p0`` (decoupled).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from torch import Tensor
 
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # noqa: UP007 (what `torch._foreach_*` takes)
-Kernel = Callable[[list[Tensor], list[Tensor], "list[Tensor] | None", float], None]
+Kernel = Callable[[list[Tensor], list[Tensor], "list[Tensor] | None", "list[Tensor] | None", float], None]
 
 
 def _scaled_add(targets: TensorList, sources: TensorList, masks: TensorList | None, value: float) -> None:
@@ -24,31 +27,60 @@ def _scaled_add(targets: TensorList, sources: TensorList, masks: TensorList | No
         torch._foreach_addcmul_(targets, sources, masks, value=value)
 
 
-def _coupled_l2(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:
-    _scaled_add(grads, params, masks, value)
+def _offsets(params: list[Tensor], refs: list[Tensor] | None) -> TensorList:
+    """What the penalty is taken of: the parameters, or their offsets from the references (a new buffer)."""
+    return params if refs is None else torch._foreach_sub(params, refs)
 
 
-def _coupled_l1(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:
-    _scaled_add(grads, torch._foreach_sign(params), masks, value)
-
-
-def _decoupled_l2(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:
-    if masks is None:
-        torch._foreach_mul_(params, 1 - value)  # AdamW's own formula
+def _coupled_l2(
+    params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, refs: list[Tensor] | None, value: float
+) -> None:
+    if refs is not None and masks is None:  # grad += value * (p - p0), without a buffer
+        torch._foreach_add_(grads, params, alpha=value)
+        torch._foreach_add_(grads, refs, alpha=-value)
     else:
-        torch._foreach_addcmul_(params, params, masks, value=-value)
+        _scaled_add(grads, _offsets(params, refs), masks, value)
 
 
-def _decoupled_l1(params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, value: float) -> None:
-    """Proximal step of ``value * mask * |p|``: shrink magnitudes by the threshold, stop at 0."""
-    shrunk = torch._foreach_abs(params)
+def _coupled_l1(
+    params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, refs: list[Tensor] | None, value: float
+) -> None:
+    offsets = _offsets(params, refs)
+    _scaled_add(grads, torch._foreach_sign(offsets) if refs is None else _sign_(offsets), masks, value)
+
+
+def _decoupled_l2(
+    params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, refs: list[Tensor] | None, value: float
+) -> None:
+    if masks is None:
+        torch._foreach_mul_(params, 1 - value)  # AdamW's own formula; toward p0: p = (1 - v) p + v p0
+        if refs is not None:
+            torch._foreach_add_(params, refs, alpha=value)
+    else:
+        torch._foreach_addcmul_(params, _offsets(params, refs), masks, value=-value)
+
+
+def _decoupled_l1(
+    params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, refs: list[Tensor] | None, value: float
+) -> None:
+    """Proximal step of ``value * mask * |p - p0|``: shrink the offsets' magnitudes by the threshold, stop at 0."""
+    offsets = list(_offsets(params, refs)) if refs is not None else params
+    shrunk = torch._foreach_abs(offsets)
     if masks is None:
         torch._foreach_sub_(shrunk, value)
     else:
         torch._foreach_add_(shrunk, masks, alpha=-value)
     torch._foreach_clamp_min_(shrunk, 0.0)
-    torch._foreach_sign_(params)
-    torch._foreach_mul_(params, shrunk)
+    torch._foreach_sign_(offsets)
+    torch._foreach_mul_(offsets, shrunk)
+    if refs is not None:  # p = p0 + the shrunk offset
+        torch._foreach_add_(offsets, refs)
+        torch._foreach_copy_(params, offsets)
+
+
+def _sign_(tensors: TensorList) -> TensorList:
+    torch._foreach_sign_(tensors)
+    return tensors
 
 
 KERNELS: dict[tuple[str, str], Kernel] = {

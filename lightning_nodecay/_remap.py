@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_nodecay._layout import Layout
-from lightning_nodecay._schema import DECISION_KEYS, INITIAL_LR, LR, LR_MULTIPLIER, NAME, PARAMS
+from lightning_nodecay._schema import DECISION_KEYS, INITIAL_LR, LR, LR_MULTIPLIER, NAME, PARAMS, PER_PARAMETER_STATES
 
 #: Per-group lists of LR schedulers that hold learning rates (scaled with a group's learning-rate multiplier).
 LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
@@ -50,8 +50,8 @@ def remap_optimizer_state(
 ) -> dict[str, Any]:
     """Rewrite an optimizer ``state_dict`` saved with layout ``saved`` so it loads into ``current``.
 
-    The per-parameter state (``exp_avg``, ``step``, momentum buffers, ...) follows each parameter by
-    name; parameters without saved state start fresh. Each group's hyperparameters (``lr``,
+    The per-parameter state (``exp_avg``, ``step``, momentum buffers, ...) and the hook's masks and references
+    follow each parameter by name; parameters without saved state start fresh. Each group's hyperparameters (``lr``,
     ``betas``, ...) come from its source group (see :func:`source_groups`), keeping what an LR
     schedule did to them; every group keeps its own decision keys (``weight_decay``, its multiplier,
     the hook's decay, the penalty: the current code decides decay, see :func:`with_current_decisions`).
@@ -93,7 +93,8 @@ def remap_optimizer_state(
         for name, pid in zip(g.params, sg[PARAMS], strict=True)
     }
     sources = source_groups(saved, current)
-    state: dict[int, Any] = {}
+    moved = {"state": state_dict["state"]} | {k: state_dict[k] for k in PER_PARAMETER_STATES if k in state_dict}
+    remapped: dict[str, dict[int, Any]] = {key: {} for key in moved}
     groups = []
     index = 0
     for layout, group, source in zip(current.groups, current_groups, sources, strict=True):
@@ -102,12 +103,13 @@ def remap_optimizer_state(
         ids = []
         for name in layout.params:
             pid = saved_ids.get(name)
-            if pid is not None and pid in state_dict["state"]:
-                state[index] = state_dict["state"][pid]
+            for key, per_parameter in moved.items():
+                if pid is not None and pid in per_parameter:
+                    remapped[key][index] = per_parameter[pid]
             ids.append(index)
             index += 1
         groups.append({**hyper, PARAMS: ids})
-    return {**state_dict, "state": state, "param_groups": groups}
+    return {**state_dict, **remapped, "param_groups": groups}
 
 
 def _check_matches_state(saved: Layout, saved_groups: Sequence[Mapping[str, Any]]) -> None:

@@ -29,15 +29,17 @@ from lightning_nodecay._schema import (
     NAME,
     PARAMS,
     PENALTY,
+    TOWARD,
     WEIGHT_DECAY,
     WEIGHT_DECAY_MULTIPLIER,
     Penalty,
+    Toward,
 )
 from lightning_nodecay._semantics import exclude_own_decay
 from lightning_nodecay.groups import DecayDecision, decided_group_name, group_order
 
-#: A decision without its parameter: ``(multiplier, penalty, lr multiplier)``.
-_Kind = tuple[float, Penalty, float]
+#: A decision without its parameter: ``(multiplier, penalty, lr multiplier, toward)``.
+_Kind = tuple[float, Penalty, float, Toward]
 
 
 def split_by_decisions(
@@ -86,14 +88,19 @@ def split_by_decisions(
         own = _own_kind(optimizer, group, [d for _, d in decided])
         moving: dict[_Kind, list[nn.Parameter]] = {}
         for param, d in decided:
-            kind = (d.multiplier, d.penalty, d.lr_multiplier) if decayed else (*own[:2], d.lr_multiplier)
+            kind = (d.multiplier, d.penalty, d.lr_multiplier, d.toward if decayed else own[3])
+            kind = kind if decayed else (*own[:2], *kind[2:])
             if kind != own:
                 moving.setdefault(kind, []).append(param)
         if moving:
-            ordered = dict(sorted(moving.items(), key=lambda item: (item[0][2], group_order(item[0][:2]))))
+            ordered = dict(sorted(moving.items(), key=lambda item: _kind_order(item[0])))
             messages += _split(optimizer, index, own, ordered, by_param, schedulers, lr_declared)
     exclude_own_decay(optimizer)
     return messages
+
+
+def _kind_order(kind: _Kind) -> tuple[Any, ...]:
+    return kind[2], kind[3] != "zero", *group_order(kind[:2])
 
 
 def _own_kind(optimizer: Optimizer, group: dict[str, Any], decided: list[DecayDecision]) -> _Kind:
@@ -107,7 +114,7 @@ def _own_kind(optimizer: Optimizer, group: dict[str, Any], decided: list[DecayDe
     if lr_multiplier is None:
         shared = {d.lr_multiplier for d in decided}
         lr_multiplier = _factor(shared, group.get(LR), optimizer.defaults.get(LR))
-    return multiplier, group.get(PENALTY, "l2"), lr_multiplier
+    return multiplier, group.get(PENALTY, "l2"), lr_multiplier, group.get(TOWARD, "zero")
 
 
 def _factor(candidates: set[float], value: float | None, default: float | None) -> float:
@@ -165,11 +172,14 @@ def _split(
 
 def _set_kind(group: dict[str, Any], kind: _Kind, base: tuple[float, float], lr_declared: bool) -> None:
     """Give ``group`` the decay (and learning rate) of ``kind``: multiplier x the base of the group it came from."""
-    multiplier, penalty, lr_multiplier = kind
+    multiplier, penalty, lr_multiplier, toward = kind
     group.update({WEIGHT_DECAY: multiplier * base[0], WEIGHT_DECAY_MULTIPLIER: multiplier})
     group.pop(PENALTY, None)
+    group.pop(TOWARD, None)
     if penalty != "l2" and multiplier:
         group[PENALTY] = penalty
+    if toward != "zero" and multiplier:
+        group[TOWARD] = toward
     if lr_declared:
         scale = lr_multiplier / base[1]
         group.update({LR_MULTIPLIER: lr_multiplier, LR: group[LR] * scale})
@@ -183,8 +193,8 @@ def _named(prefix: str, kind: _Kind) -> str:
 
 
 def _describe(group: dict[str, Any]) -> str:
-    penalty = f", {PENALTY}={group[PENALTY]!r}" if PENALTY in group else ""
-    return f"weight_decay={float(group[WEIGHT_DECAY])}{penalty}"
+    forms = "".join(f", {key}={group[key]!r}" for key in (PENALTY, TOWARD) if key in group)
+    return f"weight_decay={float(group[WEIGHT_DECAY])}{forms}"
 
 
 def _moved(params: Sequence[nn.Parameter], kind: _Kind, by_param: dict[int, DecayDecision]) -> str:

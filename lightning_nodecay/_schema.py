@@ -44,12 +44,23 @@ LR_FAMILY = "lr_family"
 HOOK_WEIGHT_DECAY = "hook_weight_decay"
 #: Param-group key: ``"l1"`` for an L1 group (absent: L2). Written by ``groups``; read by the hook and the summary.
 PENALTY = "weight_decay_penalty"
+#: Param-group key: ``"initial"`` for a group decayed toward a reference (its weights at fit start, when unfrozen,
+#: or an explicit state dict's) instead of toward zero; absent: toward zero. Written by ``groups``; read by the
+#: hook, the invariant, the summary and the monitor.
+TOWARD = "weight_decay_target"
 #: Param-group key: the share of a hooked group's elements under a per-element mask. Written by the hook; read
 #: by the monitor.
 MASK_SHARE = "weight_decay_mask_share"
 
 #: Optimizer ``state_dict`` key: the masks, ``{parameter position: mask}``. Written and read by the hook.
 MASKS_STATE = "weight_decay_masks"
+
+#: Optimizer ``state_dict`` key: the references of groups decayed toward one, ``{parameter position: tensor}``.
+#: Written and read by the hook.
+REFERENCES_STATE = "weight_decay_references"
+#: The optimizer ``state_dict`` keys that hold one entry per parameter position, moved with the optimizer's own
+#: ``state`` when a resume remaps it by name.
+PER_PARAMETER_STATES = (MASKS_STATE, REFERENCES_STATE)
 
 #: Checkpoint key: one param-group layout per optimizer. Written at save and read at resume by the lifecycle.
 LAYOUTS = "lightning_nodecay_layouts"
@@ -58,10 +69,20 @@ OPTIMIZER_STATES = "optimizer_states"
 #: Checkpoint key (Lightning's own): LR-scheduler states, rewritten in place with the optimizer states.
 LR_SCHEDULERS = "lr_schedulers"
 
-DECISION_KEYS = (WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, HOOK_WEIGHT_DECAY, PENALTY, MASK_SHARE, LR_MULTIPLIER)
+DECISION_KEYS = (
+    WEIGHT_DECAY,
+    WEIGHT_DECAY_MULTIPLIER,
+    HOOK_WEIGHT_DECAY,
+    PENALTY,
+    TOWARD,
+    MASK_SHARE,
+    LR_MULTIPLIER,
+)
 
 #: The penalty of a decayed parameter: ``"l2"`` (weight decay) or ``"l1"``.
 Penalty = Literal["l2", "l1"]
+#: Where a decayed parameter is pulled: toward ``"zero"`` (weight decay), or its ``"initial"`` value (L2-SP).
+Toward = Literal["zero", "initial"]
 
 
 class ParamGroup(TypedDict, total=False):
@@ -75,6 +96,7 @@ class ParamGroup(TypedDict, total=False):
     weight_decay_multiplier: float
     hook_weight_decay: float
     weight_decay_penalty: Penalty
+    weight_decay_target: Toward
     weight_decay_mask_share: float
     lr_multiplier: float
     lr_family: str

@@ -28,7 +28,16 @@ from typing import Any, Literal, get_args
 from torch.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RAdam, RMSprop
 
 from lightning_nodecay._naming import group_name
-from lightning_nodecay._schema import INITIAL_LR, LR, PENALTY, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER, Penalty
+from lightning_nodecay._schema import (
+    INITIAL_LR,
+    LR,
+    PENALTY,
+    TOWARD,
+    WEIGHT_DECAY,
+    WEIGHT_DECAY_MULTIPLIER,
+    Penalty,
+    Toward,
+)
 from lightning_nodecay.groups import DecayDecision
 
 #: How an optimizer applies weight decay: added to the gradient (``"coupled"``), shrinking the weights by
@@ -116,22 +125,32 @@ def base_option(
 
 
 def needs_hook(optimizer: Optimizer, masks: Mapping[Any, Any], decisions: Iterable[DecayDecision]) -> bool:
-    """Tell whether masks, L1 decisions or L1 groups ask for the weight-decay step hook."""
+    """Tell whether masks, L1 or toward-reference decisions, or such groups ask for the weight-decay step hook."""
     return (
         bool(masks)
-        or any(d.penalty == "l1" for d in decisions)
-        or any(g.get(PENALTY, "l2") != "l2" for g in optimizer.param_groups)
+        or any(d.penalty == "l1" or d.toward != "zero" for d in decisions)
+        or any(g.get(PENALTY, "l2") != "l2" or g.get(TOWARD, "zero") != "zero" for g in optimizer.param_groups)
     )
 
 
 def group_penalty(optimizer: Optimizer, index: int) -> Penalty:
-    penalty = optimizer.param_groups[index].get(PENALTY, "l2")
-    if penalty not in get_args(Penalty):
+    """The penalty of a group: ``"l1"`` for an L1 group, else ``"l2"``."""
+    return _group_choice(optimizer, index, PENALTY, "l2", get_args(Penalty))  # type: ignore[return-value]
+
+
+def group_toward(optimizer: Optimizer, index: int) -> Toward:
+    """Where a group's decay pulls: ``"initial"`` for a group decayed toward a reference, else ``"zero"``."""
+    return _group_choice(optimizer, index, TOWARD, "zero", get_args(Toward))  # type: ignore[return-value]
+
+
+def _group_choice(optimizer: Optimizer, index: int, key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = optimizer.param_groups[index].get(key, default)
+    if value not in choices:
         raise ValueError(
             f"Group {quoted_group_name(optimizer, index)} of `{type(optimizer).__name__}` has"
-            f" `{PENALTY}={penalty!r}`; use 'l2' (weight decay) or 'l1'."
+            f" `{key}={value!r}`; use one of {', '.join(map(repr, choices))}."
         )
-    return penalty
+    return value
 
 
 def group_style(optimizer: Optimizer, index: int, declared: DecayStyle | None) -> DecayStyle:

@@ -7,12 +7,13 @@ model with many tensors builds few of them. Every rule that matches a parameter 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_nodecay._patterns import NamePatterns
-from lightning_nodecay._schema import Penalty
+from lightning_nodecay._schema import Penalty, Toward
 from lightning_nodecay.rules import (
     DEFAULT_NO_DECAY_PARAM_NAMES,
     GroupRules,
@@ -60,6 +61,7 @@ class CompiledRules:
         self.lr_patterns = [(NamePatterns((k,), "lr_multipliers"), m) for k, m in lr_rules if isinstance(k, str)]
         self.lr_modules: list[tuple[ModuleRule, float]] = [(k, m) for k, m in lr_rules if not isinstance(k, str)]
         self.any_lr = bool(rules.lr_multipliers)
+        self.toward = _Toward(rules.weight_decay_toward)
         self._pattern_reasons = {p: f"name pattern `{p}`" for p in self.patterns.patterns}
         # a module's proposal depends on its class alone unless a rule is an arbitrary predicate
         module_rules = (*self.predicates, *(rule for rule, _ in self.multiplier_modules))
@@ -74,6 +76,7 @@ class CompiledRules:
         found = [(p, "no_decay_param_names") for p in self.patterns.patterns if p not in DEFAULT_NO_DECAY_PARAM_NAMES]
         found += [(p, "weight_decay_multipliers") for rule, _ in self.multiplier_patterns for p in rule.patterns]
         found += [(p, "lr_multipliers") for rule, _ in self.lr_patterns for p in rule.patterns]
+        found += [(p, "weight_decay_toward") for rule, _ in self.toward.patterns for p in rule.patterns]
         return found + [(p, "weight_decay_l1") for p in self.l1_patterns.patterns]
 
     def l1_rule(self, module: nn.Module, name: str, leaf: str) -> str | None:
@@ -158,6 +161,46 @@ class CompiledRules:
             if hit is not None and (best is None or multiplier < best[0]):
                 best = (multiplier, f"multiplier rule `{hit}`")
         return best or DEFAULT
+
+
+#: Where ``weight_decay_toward`` pulls one parameter: ``(target, reason, explicit reference or None)``.
+TowardVerdict = tuple[Toward, str, Union[Tensor, None]]  # noqa: UP007 (a runtime alias)
+
+
+class _Toward:
+    """``weight_decay_toward`` compiled: the target of each parameter."""
+
+    def __init__(self, toward: object) -> None:
+        self.everything: Toward | None = toward if isinstance(toward, str) else None  # type: ignore[assignment]
+        items = list(toward.items()) if isinstance(toward, Mapping) else []
+        self.state: dict[str, Tensor] = {k: v for k, v in items if isinstance(v, Tensor)}
+        rules = [(k, v) for k, v in items if not isinstance(v, Tensor)]
+        self.patterns = [(NamePatterns((k,), "weight_decay_toward"), v) for k, v in rules if isinstance(k, str)]
+        self.modules: list[tuple[ModuleRule, Toward]] = [(k, v) for k, v in rules if not isinstance(k, str)]
+        self.active = self.everything == "initial" or bool(self.state or self.patterns or self.modules)
+
+    def verdict(self, module: nn.Module, name: str, leaf: str) -> TowardVerdict | None:
+        """Where the parameter ``name`` is pulled, when not toward zero by default.
+
+        Raises:
+            ValueError: two rules with different targets match it, or its reference has another shape.
+        """
+        if self.everything is not None:
+            return ("initial", "toward its initial value", None) if self.everything == "initial" else None
+        if self.state:
+            reference = self.state.get(name)
+            return None if reference is None else ("initial", "toward the reference state dict", reference)
+        hits = [(t, f"`{rule_label(rule)}`") for rule, t in self.modules if _matches(rule, module)]
+        hits += [(t, f"`{p.patterns[0]}`") for p, t in self.patterns if p.match(name, leaf)]
+        if len({target for target, _ in hits}) > 1:
+            raise ValueError(
+                f"Parameter `{name}` matches two `weight_decay_toward` rules with different targets, {hits[0][1]}"
+                f" ({hits[0][0]!r}) and {hits[1][1]} ({hits[1][0]!r}). Narrow a pattern so each parameter has one."
+            )
+        if not hits:
+            return None
+        target, rule = hits[0]
+        return target, f"toward {'its initial value' if target == 'initial' else 'zero'} (rule {rule})", None
 
 
 def _matches(rule: ModuleRule, module: nn.Module) -> bool:

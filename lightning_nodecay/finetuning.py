@@ -6,7 +6,8 @@ decayed. It also skips any parameter whose *value* equals one already in the opt
 (``torch.equal``), so a zero-initialised bias or a fresh ``LayerNorm`` of the backbone is never
 trained when the head holds one of the same shape and value. Here unfrozen parameters are split by
 the same decisions as the rest of the model (``decay`` / ``no_decay`` / multiplier groups, each with
-an explicit ``weight_decay``) and deduplicated by identity.
+an explicit ``weight_decay``) and deduplicated by identity. New L1 groups and groups decayed toward a
+reference are taken over by the step hook, their references being the weights as they are unfrozen.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from lightning_nodecay._lightning import BackboneFinetuning, BaseFinetuning
 from lightning_nodecay._log import log
 from lightning_nodecay._naming import clean_name, group_name
 from lightning_nodecay._schema import LR, LR_FAMILY, LR_MULTIPLIER, NAME, PARAMS, WEIGHT_DECAY, WEIGHT_DECAY_MULTIPLIER
-from lightning_nodecay._semantics import accepts_weight_decay, exclude_own_decay
+from lightning_nodecay._semantics import accepts_weight_decay, exclude_own_decay, needs_hook
 from lightning_nodecay.groups import DecayDecision, decide, groups_from_decisions
+from lightning_nodecay.hook import WeightDecayHook, attach_weight_decay_hook
 from lightning_nodecay.mixin import NoDecayMixin
 from lightning_nodecay.rules import GroupRules
 
@@ -104,6 +106,7 @@ def unfreeze_and_add_param_groups(
             group[LR_FAMILY] = prefix
         optimizer.add_param_group(group)
     exclude_own_decay(optimizer)
+    _hook_new_groups(pl_module, optimizer, new)
     if groups:
         shown = ", ".join(f"`{g[NAME]}` ({len(g[PARAMS])}, weight_decay={g[WEIGHT_DECAY]:g})" for g in groups)
         log.info(f"Unfroze {len(new)} parameter tensors into new groups {shown}.")
@@ -119,6 +122,16 @@ def _check_modules(modules: object) -> None:
         )
     for module in modules:
         _check_modules(module)
+
+
+def _hook_new_groups(pl_module: nn.Module, optimizer: Optimizer, new: list[DecayDecision]) -> None:
+    """Give the new L1 and reference groups the step hook; their references are their weights now, as unfrozen."""
+    hook = WeightDecayHook.of(optimizer)
+    if hook is not None:
+        hook.add_groups(new, pl_module)
+    elif needs_hook(optimizer, {}, new):
+        style = pl_module.decay_style if isinstance(pl_module, NoDecayMixin) else None
+        attach_weight_decay_hook(optimizer, module=pl_module, decay_style=style, decisions=new)
 
 
 def _decisions(pl_module: nn.Module, rules: GroupRules | None) -> list[DecayDecision]:

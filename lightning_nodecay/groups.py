@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_nodecay._layer_ids import assign_layers
 from lightning_nodecay._naming import WRAPPER_SEGMENTS, clean_name, unwrap
@@ -31,11 +31,13 @@ from lightning_nodecay._schema import (
     NAME,
     PARAMS,
     PENALTY,
+    TOWARD,
     WEIGHT_DECAY,
     WEIGHT_DECAY_MULTIPLIER,
     Penalty,
+    Toward,
 )
-from lightning_nodecay._verdicts import CompiledRules, Verdict, with_l1
+from lightning_nodecay._verdicts import CompiledRules, TowardVerdict, Verdict, with_l1
 from lightning_nodecay.rules import GroupRules
 
 DECAY, NO_DECAY = "decay", "no_decay"
@@ -56,6 +58,10 @@ class DecayDecision:
             its ``lr_multipliers`` value.
         lr_reason: why, e.g. ``"layer 3 of 6 (block `blocks.2`), lr rule `head.*`"``, or ``"default"``.
         layer: its layer id under layer decay, else ``None``.
+        toward: where its decay pulls it: ``"zero"``, or ``"initial"`` (its reference, see
+            ``GroupRules.weight_decay_toward``); always ``"zero"`` for an excluded parameter.
+        reference: its reference from a reference state dict, else ``None`` (the hook then copies the
+            parameter when it is attached, or when the parameter's group is added).
 
     Example:
         >>> from torch import nn
@@ -72,17 +78,25 @@ class DecayDecision:
     lr_multiplier: float = 1.0
     lr_reason: str = "default"
     layer: int | None = None
+    toward: Toward = "zero"
+    reference: Tensor | None = None
 
     @property
     def group(self) -> str:
         """The name of the param group this parameter goes to (when no other layer shares its lr multiplier)."""
-        return decided_group_name(self.multiplier, self.penalty, self.lr_multiplier, self.layer)
+        return decided_group_name(self.multiplier, self.penalty, self.lr_multiplier, self.toward, self.layer)
 
 
 def decided_group_name(
-    multiplier: float, penalty: Penalty = "l2", lr_multiplier: float = 1.0, layer: int | None = None
+    multiplier: float,
+    penalty: Penalty = "l2",
+    lr_multiplier: float = 1.0,
+    toward: Toward = "zero",
+    layer: int | None = None,
 ) -> str:
     """The name of a group of decisions: ``decay`` (1), ``no_decay`` (0), ``decay_x{m}``, ``..._l1`` for L1.
+
+    A group decayed toward its reference (``weight_decay_toward``) ends in ``_to_init``.
 
     Under layer decay, ``layer{i}_`` comes first when all its parameters are in layer ``i``; otherwise
     ``_lr_x{m}`` comes last for a learning-rate multiplier other than 1. ``m`` is written with up to 6
@@ -95,6 +109,8 @@ def decided_group_name(
         ['decay', 'no_decay', 'decay_x2', 'decay_x0.1', 'decay_x0.12345678']
         >>> decided_group_name(2.0, "l1"), decided_group_name(1.0, lr_multiplier=10.0)
         ('decay_x2_l1', 'decay_lr_x10')
+        >>> decided_group_name(0.5, toward="initial")
+        'decay_x0.5_to_init'
         >>> decided_group_name(0.0, layer=3), decided_group_name(1.0, lr_multiplier=10.0, layer=3)
         ('layer3_no_decay', 'layer3_decay')
     """
@@ -103,6 +119,7 @@ def decided_group_name(
     else:
         name = DECAY if multiplier == 1 else f"decay_x{_number(multiplier)}"
         name = f"{name}_l1" if penalty == "l1" else name
+        name = f"{name}_to_init" if toward == "initial" else name
     if layer is not None:
         return f"layer{layer}_{name}"
     return name if lr_multiplier == 1 else f"{name}_lr_x{_number(lr_multiplier)}"
@@ -143,11 +160,13 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
     decisions: dict[int, DecayDecision] = {}  # by `id(param)`: each parameter once, in the order first met
     l1: dict[int, str] = {}
     lr: dict[int, tuple[float, str] | None] = {}
+    toward: dict[int, TowardVerdict | None] = {}
     declared: dict[str, str] = {}
     user_patterns = compiled.user_patterns() if compiled.strict else []
     all_names: list[str] | None = [] if user_patterns else None
     declares = _Declares()
     any_l1, any_lr, known = compiled.any_l1, compiled.any_lr, decisions.get  # locals: the loop runs per tensor
+    any_toward = compiled.toward.active  # locals: the loop runs per tensor
     for prefix, owner in _owners(unwrap(module)):
         if declares[type(owner)]:
             declared.update(_declared_names(prefix, owner))
@@ -181,6 +200,8 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
                     l1[key] = l1_rule
             if any_lr and key not in lr:
                 lr[key] = compiled.lr_rule(owner, name, own_name)
+            if any_toward and key not in toward:
+                toward[key] = compiled.toward.verdict(owner, name, own_name)
     if all_names is not None:
         _check_all_patterns_match(user_patterns, all_names)
     for key, l1_rule in l1.items():
@@ -189,9 +210,41 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
     for key, proposal in lr.items():
         if proposal is not None:
             decisions[key].lr_multiplier, decisions[key].lr_reason = proposal
+    if any_toward:
+        _pull_toward(decisions, toward, compiled.toward.state)
     if rules is not None and rules.layer_decay is not None:
         _decay_layers(module, rules, decisions.values())
     return list(decisions.values())
+
+
+def _pull_toward(
+    decisions: dict[int, DecayDecision], verdicts: dict[int, TowardVerdict | None], state: dict[str, Tensor]
+) -> None:
+    """Give every decayed parameter the target ``weight_decay_toward`` sets for it (excluded ones stay excluded).
+
+    Raises:
+        ValueError: a reference of another shape than its parameter, or a reference state dict that names no
+            decayed parameter.
+    """
+    for key, verdict in verdicts.items():
+        decision = decisions[key]
+        if verdict is None or verdict[0] == "zero" or decision.multiplier == 0:
+            continue
+        target, reason, reference = verdict
+        if reference is not None and reference.shape != decision.param.shape:
+            raise ValueError(
+                f"The `weight_decay_toward` reference of `{decision.name}` has shape {tuple(reference.shape)}, the"
+                f" parameter {tuple(decision.param.shape)}. Give the state dict of this model's architecture."
+            )
+        decision.toward, decision.reference = target, reference
+        decision.reason = f"{decision.reason}, {reason}"
+    if state and not any(d.reference is not None for d in decisions.values()):
+        close = difflib.get_close_matches(next(iter(state)), [d.name for d in decisions.values()], n=1)
+        hint = f" (its first key is `{next(iter(state))}`; the model has `{close[0]}`)" if close else ""
+        raise ValueError(
+            f"The `weight_decay_toward` reference state dict names no decayed parameter of the model{hint}. Its keys"
+            " must be the model's parameter names, as `model.state_dict()` gives them: strip or add a prefix."
+        )
 
 
 def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Collection[DecayDecision]) -> None:
@@ -316,7 +369,9 @@ def param_groups(
         ``"weight_decay_multiplier"``. ``no_decay`` carries ``"weight_decay": 0.0``; ``decay``
         carries no ``weight_decay`` so the optimizer's own value applies. L1 groups (``decay_l1``,
         ``decay_x2_l1``, ...) carry ``"weight_decay_penalty": "l1"`` and need
-        :func:`~lightning_nodecay.attach_weight_decay_hook` on the optimizer (the mixin does it).
+        :func:`~lightning_nodecay.attach_weight_decay_hook` on the optimizer (the mixin does it); so do groups
+        decayed toward a reference (``decay_to_init``, ...: ``"weight_decay_target": "initial"``), which come
+        after those toward zero.
 
     Raises:
         TypeError: a rule of the wrong type.
@@ -356,7 +411,7 @@ def param_groups(
 
 
 def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, Any]]:
-    """One group per distinct (multiplier, penalty, lr multiplier), in the documented order; nothing resolved.
+    """One group per distinct (multiplier, penalty, lr multiplier, toward), in the documented order; nothing resolved.
 
     Order: by layer under layer decay, else the groups at the base learning rate first; then by learning-rate
     multiplier, then ``decay``, ``no_decay``, weight-decay multipliers up, L1 groups last.
@@ -365,7 +420,7 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
     layers: dict[_Kind, int | None] = {}
     mixed = -1  # the layer of a group whose parameters are in several layers
     for decision in decisions:
-        kind = (decision.multiplier, decision.penalty, decision.lr_multiplier)
+        kind = (decision.multiplier, decision.penalty, decision.lr_multiplier, decision.toward)
         members = by_kind.get(kind)
         if members is None:
             members = by_kind[kind] = []
@@ -375,30 +430,32 @@ def groups_from_decisions(decisions: Iterable[DecayDecision]) -> list[dict[str, 
         members.append(decision.param)
     shared = {kind: None if layer == mixed else layer for kind, layer in layers.items()}
     order = sorted(by_kind, key=lambda kind: _kind_order(kind, shared[kind]))
-    names = _unique_names({kind: decided_group_name(*kind, shared[kind]) for kind in order})
+    names = _unique_names({kind: decided_group_name(*kind, layer=shared[kind]) for kind in order})
     with_lr = any(kind[2] != 1 or shared[kind] is not None for kind in order)
     groups = []
     for kind in order:
-        multiplier, penalty, lr_multiplier = kind
+        multiplier, penalty, lr_multiplier, toward = kind
         group: dict[str, Any] = {NAME: names[kind], PARAMS: by_kind[kind], WEIGHT_DECAY_MULTIPLIER: multiplier}
         if multiplier == 0:
             group[WEIGHT_DECAY] = 0.0
         if penalty == "l1":
             group[PENALTY] = penalty
+        if toward == "initial":
+            group[TOWARD] = toward
         if with_lr:
             group[LR_MULTIPLIER] = lr_multiplier
         groups.append(group)
     return groups
 
 
-#: A group's decision: ``(multiplier, penalty, lr multiplier)``.
-_Kind = tuple[float, Penalty, float]
+#: A group's decision: ``(multiplier, penalty, lr multiplier, toward)``.
+_Kind = tuple[float, Penalty, float, Toward]
 
 
 def _kind_order(kind: _Kind, layer: int | None) -> tuple[Any, ...]:
-    multiplier, penalty, lr_multiplier = kind
+    multiplier, penalty, lr_multiplier, toward = kind
     first = (layer, 0) if layer is not None else (-1, lr_multiplier != 1)
-    return (*first, lr_multiplier, *group_order((multiplier, penalty)))
+    return (*first, lr_multiplier, toward == "initial", *group_order((multiplier, penalty)))
 
 
 def _unique_names(names: dict[_Kind, str]) -> dict[_Kind, str]:

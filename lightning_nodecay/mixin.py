@@ -30,6 +30,7 @@ from lightning_nodecay.rules import (
     LayerIds,
     ModuleRule,
     RuleKey,
+    TowardRules,
 )
 from lightning_nodecay.summary import DecaySummary, summarize
 
@@ -47,6 +48,7 @@ _RULE_ATTRIBUTES = (
     "lr_multipliers",
     "layer_decay",
     "layer_ids",
+    "weight_decay_toward",
     "strict",
 )
 _DEFAULT_RULES = GroupRules()
@@ -89,6 +91,9 @@ class NoDecayMixin:
         lr_multipliers: ``{pattern or module type: multiplier}`` of the base learning rate.
         layer_decay: layer-wise learning-rate decay (see :class:`~lightning_nodecay.GroupRules`).
         layer_ids: the model's own layer ids for ``layer_decay``: ``{name pattern: id}`` or ``(name) -> id``.
+        weight_decay_toward: ``"zero"``, ``"initial"`` (L2-SP: toward the weights at fit start), per-rule targets
+            ``{pattern or module type: "initial" | "zero"}``, or a reference state dict (see
+            :class:`~lightning_nodecay.GroupRules`).
         strict: raise when a declared name pattern matches no parameter.
         decay_style: ``"coupled"`` or ``"decoupled"``: how ``self.optimizer`` applies weight
             decay; needed for masks and L1 with optimizers outside ``torch.optim``.
@@ -126,6 +131,7 @@ class NoDecayMixin:
     lr_multipliers: Mapping[RuleKey, float] = {}
     layer_decay: float | None = None
     layer_ids: LayerIds | None = None
+    weight_decay_toward: TowardRules = "zero"
     strict: bool = True
     decay_style: DecayStyle | None = None
     check_weight_decay: bool = True

@@ -21,6 +21,7 @@ from lightning_nodecay._lightning import Callback, logged_step
 from lightning_nodecay._naming import logged_names
 from lightning_nodecay._schema import HOOK_WEIGHT_DECAY, MASK_SHARE, PARAMS, WEIGHT_DECAY
 from lightning_nodecay._shards import fsdp_shard_group
+from lightning_nodecay.hook import WeightDecayHook
 from lightning_nodecay.norms import (
     NormPlan,
     NormStats,
@@ -58,6 +59,9 @@ class WeightNormMonitor(Callback):
       copied in ``on_before_optimizer_step`` (its first call of the batch, before a closure such as LBFGS's
       moves them) on logging steps only, and the copy is freed as soon as the ratio is computed: memory for
       one copy of the weights during those steps. An optimizer that did not step in the batch has no ratio;
+    - ``distance_to_reference/{group}``, ``||w - w0||`` in the ``norm_type`` norm, for every group decayed toward a
+      reference (``weight_decay_toward``, L2-SP), ``w0`` being the references the weight-decay hook holds: how far
+      fine-tuning has moved the group from its starting point;
     - with ``log_weight_decay``: ``weight_decay/{group}``, the group's effective weight decay (its
       ``weight_decay``, plus the ``hook_weight_decay`` that per-element masks apply in its place), and
       ``weight_decay_mask_share/{group}`` for groups that carry that key.
@@ -200,7 +204,9 @@ class WeightNormMonitor(Callback):
         names = logged_names(optimizers, "WeightNormMonitor")
         flat_names = [name for per_optimizer in names for name in per_optimizer]
         weights, updates, updated = self._local_weights_and_updates(optimizers, snapshots)
-        host = self._fetch([NormStats.join(weights), *grads.values(), *([NormStats.join(updates)] if updates else [])])
+        distances, far = self._local_distances(optimizers)
+        parts = [NormStats.join(weights), *grads.values(), *(NormStats.join(s) for s in (updates, distances) if s)]
+        host = self._fetch(parts)
         norms, total = roots(_take(host, len(flat_names)), p)
         metrics = {f"weight_{p}_norm/{name}": norm for name, norm in zip(flat_names, norms, strict=True)}
         metrics[f"weight_{p}_norm_total"] = total
@@ -211,6 +217,8 @@ class WeightNormMonitor(Callback):
         metrics.update(
             (f"update_ratio/{flat_names[r]}", _ratio(m, norms[r])) for r, m in zip(updated, moved, strict=True)
         )
+        offsets, _ = roots(_take(host, len(far)), p)
+        metrics.update((f"distance_to_reference/{flat_names[r]}", d) for r, d in zip(far, offsets, strict=True))
         if self.log_rms:
             metrics.update(
                 (f"weight_rms/{name}", norm / math.sqrt(max(round(numel), 1)))
@@ -253,6 +261,23 @@ class WeightNormMonitor(Callback):
             weights.append(weight)
             row += len(optimizer.param_groups)
         return weights, updates, updated
+
+    def _local_distances(self, optimizers: list[Optimizer]) -> tuple[list[NormStats], list[int]]:
+        """This rank's statistics of ``w - w0`` for every group decayed toward a reference, and those groups' rows."""
+        distances: list[NormStats] = []
+        rows: list[int] = []
+        row = 0
+        for index, optimizer in enumerate(optimizers):
+            hook = WeightDecayHook.of(optimizer)
+            referenced = hook.group_references() if hook is not None else {}
+            if referenced:
+                positions = sorted(referenced)
+                weights = self._plans.plan(-2 * index - 1, [referenced[i][0] for i in positions])
+                references = self._plans.plan(-2 * index - 2, [referenced[i][1] for i in positions])
+                distances.append(weights.local_distance(self.norm_type, references))
+                rows += [row + i for i in positions]
+            row += len(optimizer.param_groups)
+        return distances, rows
 
     def _plan(self, index: int, optimizer: Optimizer) -> NormPlan:
         """The plan of the optimizer's groups, kept while they hold the same tensors."""

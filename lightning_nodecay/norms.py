@@ -243,6 +243,19 @@ class NormPlan:
             copies.clear()  # consumed: the copies are freed now, whoever still holds the snapshot
         return NormStats(stats[: self.size], self._numels), NormStats(stats[self.size :], self._numels)
 
+    @torch.no_grad()
+    def local_distance(self, p: float, reference: NormPlan) -> NormStats:
+        """This rank's statistics of the tensors minus those of ``reference``, a plan of tensors in the same layout.
+
+        ``reference`` holds one tensor per tensor of this plan, in the same order, with the same shape, dtype,
+        device and sharding (the references of decay toward a reference are such tensors), so that the two
+        plans' local elements line up.
+        """
+        offsets = reference.snapshot()
+        for minus, values in zip(offsets, self._values(), strict=True):
+            torch._foreach_sub_(minus, values)  # minus the offset: the same norms, and no new buffer
+        return NormStats(self._stats(p, [offsets]), self._numels)
+
     def _values(self) -> list[list[Tensor]]:
         """Per stream, tensors that together hold exactly its local elements: packed buffers or the tensors."""
         return [[value for bucket in stream.buckets for value in bucket.values()] for stream in self._streams]

@@ -26,11 +26,14 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_nodecay._patterns import check_patterns
+from lightning_nodecay._schema import Toward
 
 ModulePredicate = Callable[[nn.Module], bool]
 ModuleRule = Union[type[nn.Module], ModulePredicate]  # noqa: UP007 (a runtime alias)
@@ -38,6 +41,9 @@ ModuleRule = Union[type[nn.Module], ModulePredicate]  # noqa: UP007 (a runtime a
 RuleKey = Union[str, ModuleRule]  # noqa: UP007 (a runtime alias)
 #: A model's own layer ids: ``{name pattern: layer id}`` or ``(name) -> layer id | None``.
 LayerIds = Union[Mapping[str, int], Callable[[str], Union[int, None]]]  # noqa: UP007 (a runtime alias)
+#: Where decayed parameters are pulled: ``"zero"``, ``"initial"``, ``{rule key: "initial" | "zero"}``, or a
+#: reference state dict ``{name: tensor}`` (or the path of a file holding one).
+TowardRules = Union[str, Mapping[RuleKey, str], Mapping[str, Tensor]]  # noqa: UP007 (a runtime alias)
 
 _NORM_CLASS_NAME = re.compile(r"Norm(alization)?(Act)?(\d+d?)?$")
 
@@ -121,6 +127,18 @@ class GroupRules:
             (``blocks``, ``layers``, ``layer`` or ``h``; see ``docs/lr.md``).
         layer_ids: the model's own layer ids: ``{name pattern: layer id}`` (first match wins), or a callable
             ``(name) -> layer id`` (or its import path), counting from 0 at the input.
+        weight_decay_toward: where decay pulls the decayed parameters (L2-SP, Li et al. 2018, when not zero):
+
+            * ``"zero"`` (the default): plain weight decay;
+            * ``"initial"``: toward their values at fit start (or when a fine-tuning callback unfreezes them);
+            * ``{pattern or module type: "initial" | "zero"}``: per rule, e.g. ``{"backbone.**": "initial"}``
+              (unmatched parameters: toward zero); give each side its strength with ``weight_decay_multipliers``;
+            * a reference state dict ``{name: tensor}`` (e.g. the pretrained ``state_dict()``), or the path of a
+              file holding one (a Lightning checkpoint's ``state_dict`` is taken): the parameters it names are
+              pulled toward its tensors, the others toward zero.
+
+            Excluded parameters stay excluded. The step hook applies the pull
+            (:func:`~lightning_nodecay.attach_weight_decay_hook`) and keeps one reference copy per parameter.
         strict: raise when a declared name pattern (not a default one) matches no parameter of the model.
 
     Raises:
@@ -144,6 +162,7 @@ class GroupRules:
     lr_multipliers: Mapping[RuleKey, float] = field(default_factory=dict)
     layer_decay: float | None = None
     layer_ids: LayerIds | None = None
+    weight_decay_toward: TowardRules = "zero"
     strict: bool = True
 
     def __post_init__(self) -> None:
@@ -155,6 +174,7 @@ class GroupRules:
         _set(self, "lr_multipliers", _check_multipliers(self.lr_multipliers, "lr_multipliers"))
         _set(self, "layer_decay", _check_layer_decay(self.layer_decay))
         _set(self, "layer_ids", _check_layer_ids(self.layer_ids))
+        _set(self, "weight_decay_toward", _check_toward(self.weight_decay_toward))
         if not isinstance(self.strict, bool):
             raise TypeError(f"`strict` must be True or False; got {self.strict!r}.")
 
@@ -282,6 +302,50 @@ def _check_l1(rules: object) -> tuple[RuleKey, ...]:
     checked = tuple(_as_rule_key(rule, f"weight_decay_l1[{i}]") for i, rule in enumerate(rules))
     check_patterns([r for r in checked if isinstance(r, str)], "weight_decay_l1")
     return checked
+
+
+_TARGETS: tuple[Toward, ...] = ("zero", "initial")
+
+
+def _check_toward(toward: object) -> TowardRules:
+    """``"zero"``, ``"initial"``, ``{rule key: target}`` or ``{name: tensor}``, from any accepted form."""
+    if isinstance(toward, str) and toward not in _TARGETS:
+        toward = _load_reference(toward)
+    if isinstance(toward, str):
+        return toward
+    if not isinstance(toward, Mapping) or not toward:
+        raise TypeError(
+            "`weight_decay_toward` must be 'zero', 'initial', a non-empty dict `{pattern or module type: 'initial' |"
+            f" 'zero'}}`, or a reference state dict `{{name: tensor}}`; got {toward!r}."
+        )
+    if all(isinstance(value, Tensor) for value in toward.values()):
+        return {str(name): value for name, value in toward.items()}
+    checked: dict[RuleKey, str] = {}
+    for key, target in toward.items():
+        if target not in _TARGETS:
+            raise ValueError(
+                f"`weight_decay_toward[{key!r}]` is {target!r}; a rule's target is 'initial' (the weights at fit start)"
+                " or 'zero'. A reference state dict must map every name to a tensor."
+            )
+        rule = _as_rule_key(key, f"weight_decay_toward[{key!r}]")
+        if isinstance(rule, str):
+            check_patterns((rule,), "weight_decay_toward")
+        checked[rule] = target
+    return checked
+
+
+def _load_reference(path: str) -> Mapping[str, Tensor]:
+    """The reference state dict in the file at ``path`` (a Lightning checkpoint's ``state_dict``)."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"`weight_decay_toward` is {path!r}: neither 'zero', 'initial' nor an existing file holding a reference"
+            " state dict (`torch.save(model.state_dict(), path)` or a Lightning checkpoint)."
+        )
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else loaded
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise ValueError(f"`weight_decay_toward` file {path!r} holds no state dict `{{name: tensor}}`.")
+    return state
 
 
 def split_module_rules(rules: Sequence[ModuleRule]) -> tuple[tuple[type[nn.Module], ...], tuple[ModulePredicate, ...]]:

@@ -33,6 +33,7 @@ class GroupSummary:
         lr_multiplier: factor of the optimizer's base ``lr`` (layer decay x ``lr_multipliers``); ``None`` when
             the group holds parameters the rules give different learning rates.
         lr: the group's learning rate, when the summary describes an optimizer's groups.
+        toward: ``"zero"``, or ``"initial"`` for a group decayed toward its reference (shown as ``to init``).
 
     Example:
         >>> from torch import nn
@@ -51,6 +52,7 @@ class GroupSummary:
     weight_decay: float | None = None
     lr_multiplier: float | None = 1.0
     lr: float | None = None
+    toward: str = "zero"
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def _decay(group: GroupSummary) -> str:
     if group.multiplier is None:
         return "mixed"
     multiplier = group.multiplier if group.effective_multiplier is None else group.effective_multiplier
-    return f"x{multiplier:.3g}" + (" L1" if group.penalty == "l1" else "")
+    forms = (" L1" if group.penalty == "l1" else "") + (" to init" if group.toward != "zero" else "")
+    return f"x{multiplier:.3g}{forms}"
 
 
 def summarize(
@@ -192,8 +195,8 @@ def _group_summary(
     sizes = [_numel(p) for p in params]
     elements = sum(sizes)
     decided = [d for p in params if (d := by_param.get(id(p))) is not None]
-    kinds = {(d.multiplier, d.penalty) for d in decided}
-    multiplier, penalty = next(iter(kinds)) if len(kinds) == 1 else (None, "l2")
+    kinds = {(d.multiplier, d.penalty, d.toward) for d in decided}
+    multiplier, penalty, toward = next(iter(kinds)) if len(kinds) == 1 else (None, "l2", "zero")
     lr_multipliers = {d.lr_multiplier for d in decided}
     masked = sum(n for p, n in zip(params, sizes, strict=True) if id(p) in masks)
     weighted = sum(n * masks.get(id(p), 1.0) for p, n in zip(params, sizes, strict=True))
@@ -208,6 +211,7 @@ def _group_summary(
         weight_decay=effective_decay(group) if real else None,
         lr_multiplier=lr_multipliers.pop() if len(lr_multipliers) == 1 else None,
         lr=float(group[LR]) if real and LR in group else None,
+        toward=toward,
     )
 
 
