@@ -237,14 +237,24 @@ def _pull_toward(
                 f" parameter {tuple(decision.param.shape)}. Give the state dict of this model's architecture."
             )
         decision.toward, decision.reference = target, reference
-        decision.reason = f"{decision.reason}, {reason}"
+        decision.reason = reason if decision.reason == "default" else f"{decision.reason}, {reason}"
     if state and not any(d.reference is not None for d in decisions.values()):
-        close = difflib.get_close_matches(next(iter(state)), [d.name for d in decisions.values()], n=1)
-        hint = f" (its first key is `{next(iter(state))}`; the model has `{close[0]}`)" if close else ""
         raise ValueError(
-            f"The `weight_decay_toward` reference state dict names no decayed parameter of the model{hint}. Its keys"
-            " must be the model's parameter names, as `model.state_dict()` gives them: strip or add a prefix."
+            "The `weight_decay_toward` reference state dict names no decayed parameter of the model. Its keys must be"
+            f" the model's parameter names, as `model.state_dict()` gives them{_prefix_hint(state, decisions)}."
         )
+
+
+def _prefix_hint(state: dict[str, Tensor], decisions: dict[int, DecayDecision]) -> str:
+    """How the keys of a reference state dict that names no parameter may differ from the names: a prefix."""
+    names = [d.name for d in decisions.values() if d.multiplier]
+    for key in state:
+        for name in names:
+            if key.endswith(f".{name}"):
+                return f": its key `{key}` is parameter `{name}`, strip the prefix `{key[: -len(name)]}`"
+            if name.endswith(f".{key}"):
+                return f": its key `{key}` is parameter `{name}`, add the prefix `{name[: -len(key)]}`"
+    return f" (e.g. `{names[0]}`); its first key is `{next(iter(state))}`" if names else ""
 
 
 def _decay_layers(module: nn.Module, rules: GroupRules, decisions: Collection[DecayDecision]) -> None:
