@@ -127,3 +127,33 @@ def test_remap_scheduler_state_follows_groups(make_scheduler):
     for inner in getattr(after_scheduler, "_schedulers", [after_scheduler]):  # SequentialLR nests its schedulers
         assert inner.base_lrs == [0.1, 0.3, 0.1, 0.2]
     assert after_scheduler.last_epoch == scheduler.last_epoch == 3
+
+
+def test_remap_moves_masks_and_references_with_their_parameters():
+    """Test that the hook's masks and references, saved by parameter position, follow their parameters by name when
+    the groups change (two same-shape weights that swap positions would otherwise swap masks silently)."""
+    from lightning_nodecay import WeightDecayHook, attach_weight_decay_hook, decide
+
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    rules = GroupRules(weight_decay_toward={"0.*": "initial", "1.*": "initial"})
+    before = torch.optim.AdamW(param_groups(net, rules), lr=0.1, weight_decay=0.1)
+    masks = {"0.weight": torch.full((4, 1), 2.0), "1.weight": torch.full((4, 1), 3.0)}
+    attach_weight_decay_hook(before, masks, module=net, decisions=decide(net, rules))
+    references = {name: 10.0 * i + torch.zeros(4, 4) for i, name in enumerate(masks)}
+    for (name, reference), param in zip(references.items(), net.parameters(), strict=True):
+        WeightDecayHook.of(before).references[param].copy_(reference)
+    saved = before.state_dict()
+    # the current run puts `1.weight` first, in a group of its own
+    swapped = [{"name": "first", "params": [net[1].weight]}, {"name": "decay_to_init", "params": [net[0].weight]}]
+    for group in swapped:
+        group["weight_decay_target"] = "initial"
+    after = torch.optim.AdamW(swapped, lr=0.1, weight_decay=0.1)
+    hook = attach_weight_decay_hook(after, {"0.weight": torch.ones(4, 1), "1.weight": torch.ones(4, 1)}, module=net)
+    remapped = remap_optimizer_state(
+        saved, layout_of(before.param_groups, net), layout_of(after.param_groups, net), after.param_groups
+    )
+    after.load_state_dict(remapped)
+    assert hook.named_masks()["0.weight"].unique().tolist() == [2.0]
+    assert hook.named_masks()["1.weight"].unique().tolist() == [3.0]
+    assert torch.equal(hook.references[net[0].weight], references["0.weight"])
+    assert torch.equal(hook.references[net[1].weight], references["1.weight"])
