@@ -484,3 +484,28 @@ def test_ddp_fit_keeps_one_reference_per_rank_and_logs_the_distance(tmp_path):
     final = ranks[0]["weights"]["backbone.0.weight"]
     expected = torch.linalg.vector_norm(final - initial["backbone.0.weight"]).item()
     assert float(rows[-1]["distance_to_reference/decay_to_init"]) == pytest.approx(expected, rel=1e-5)
+
+
+class DecayRecorder(pl.Callback):
+    """Each step's effective decay of every group, read right before the optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        groups = optimizer.param_groups
+        self.steps.append({g["name"]: g["weight_decay"] + g.get("hook_weight_decay", 0.0) for g in groups})
+
+
+def test_weight_decay_schedule_drives_the_pull_toward_the_reference(tmp_path):
+    """Test that `WeightDecayScheduler` sets the strength of the reference group at every step (base(t) x its
+    multiplier, as for the groups toward zero), and the step follows it: a linear schedule from 0.5 to 0."""
+    from lightning_nodecay import WeightDecayScheduler
+
+    model, recorder = L2SPNet(), DecayRecorder()
+    schedule = WeightDecayScheduler("linear", start=0.5, end=0.0, total_steps=4)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[schedule, recorder]).fit(model)
+    bases = [0.5 * (1 - t / 4) for t in range(4)]  # Megatron's linear: start + (end - start) * t / total
+    assert [s["decay_to_init"] for s in recorder.steps] == pytest.approx(bases)
+    assert [s["decay_x0.5"] for s in recorder.steps] == pytest.approx([0.5 * b for b in bases])
+    assert [s["no_decay"] for s in recorder.steps] == [0.0] * 4
