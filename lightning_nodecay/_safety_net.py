@@ -118,13 +118,13 @@ def _own_kind(optimizer: Optimizer, group: dict[str, Any], decided: list[DecayDe
 
 
 def _factor(candidates: set[float], value: float | None, default: float | None) -> float:
-    """The one candidate multiplier, else the one that gives ``value`` from ``default``, else 1."""
-    if len(candidates) == 1:
-        return candidates.pop()
-    for candidate in sorted(candidates):
-        if default and value is not None and math.isclose(candidate * default, value):
-            return candidate
-    return 1.0
+    """The multiplier that gives ``value`` from ``default`` (1 when they are equal: the group was built with the
+    optimizer's own value, which the rules' multipliers then scale), else the one candidate, else 1."""
+    if default and value is not None:
+        for candidate in sorted(candidates | {1.0}):
+            if math.isclose(candidate * default, value):
+                return candidate
+    return candidates.pop() if len(candidates) == 1 else 1.0
 
 
 def _split(

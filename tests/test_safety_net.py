@@ -81,3 +81,15 @@ def test_split_leaves_groups_without_decay_alone():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     assert split_by_decisions(optimizer, decide(net)) == []
     assert len(optimizer.param_groups) == 1
+
+
+def test_group_of_only_scaled_parameters_at_the_default_decay_is_scaled():
+    """Test that a hand-built group at the optimizer's own `weight_decay` whose only decayed parameter has a declared
+    multiplier (x2) gets 2x that decay, not the default renamed `decay_x2` (the base is the optimizer's value)."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    rules = GroupRules(weight_decay_multipliers={"0.weight": 2.0})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
+    split_by_decisions(optimizer, decide(model, rules))
+    decays = {g["name"]: (g["weight_decay"], [id(p) for p in g["params"]]) for g in optimizer.param_groups}
+    assert decays["decay_x2"] == (pytest.approx(0.02), [id(model[0].weight)])
+    assert decays["no_decay"] == (0.0, [id(model[0].bias)])
