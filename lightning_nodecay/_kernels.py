@@ -63,17 +63,23 @@ def _decoupled_l2(
 def _decoupled_l1(
     params: list[Tensor], grads: list[Tensor], masks: list[Tensor] | None, refs: list[Tensor] | None, value: float
 ) -> None:
-    """Proximal step of ``value * mask * |p - p0|``: shrink the offsets' magnitudes by the threshold, stop at 0."""
-    offsets = list(_offsets(params, refs)) if refs is not None else params
-    shrunk = torch._foreach_abs(offsets)
+    """Proximal step of ``value * mask * |p - p0|``: move each offset toward 0 by the threshold, stopping at 0.
+
+    Soft-thresholding as ``offset - clamp(offset, -t, t)``: exactly 0 inside the threshold, so weights land exactly
+    on 0 (or their reference), in 3 passes over memory toward zero, 6 toward references.
+    """
+    offsets = params if refs is None else torch._foreach_sub(params, refs)
     if masks is None:
-        torch._foreach_sub_(shrunk, value)
+        steps = torch._foreach_clamp_min(offsets, -value)
+        torch._foreach_clamp_max_(steps, value)
     else:
-        torch._foreach_add_(shrunk, masks, alpha=-value)
-    torch._foreach_clamp_min_(shrunk, 0.0)
-    torch._foreach_sign_(offsets)
-    torch._foreach_mul_(offsets, shrunk)
-    if refs is not None:  # p = p0 + the shrunk offset
+        bounds = torch._foreach_mul(masks, value)
+        steps = torch._foreach_clamp_min(offsets, torch._foreach_neg(bounds))
+        torch._foreach_clamp_max_(steps, bounds)
+    if refs is None:
+        torch._foreach_sub_(params, steps)
+    else:  # p = p0 + the shrunk offset
+        torch._foreach_sub_(offsets, steps)
         torch._foreach_add_(offsets, refs)
         torch._foreach_copy_(params, offsets)
 
