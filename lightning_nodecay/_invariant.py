@@ -62,7 +62,7 @@ class _GroupPlan:
 def effective_decay(group: Mapping[str, Any]) -> float:
     """The weight decay a group really gets: the optimizer's ``weight_decay`` plus the hook's.
 
-    Example:
+    Examples:
         >>> effective_decay({"weight_decay": 0.0, "hook_weight_decay": 0.05}), effective_decay({"weight_decay": 0.1})
         (0.05, 0.1)
     """
@@ -73,7 +73,7 @@ def current_base(optimizer: Optimizer) -> float | None:
     """The base weight decay ``optimizer`` applies now: from a decayed group the library built (a schedule may
     have changed it since), else its default ``weight_decay`` (``None`` when neither tells).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.zeros(2, requires_grad=True)
         >>> current_base(torch.optim.AdamW([{"params": [w], "weight_decay": 0.3, "weight_decay_multiplier": 2.0}]))
@@ -95,7 +95,7 @@ class DecayInvariant:
             called again whenever group membership changed, e.g. after unfreezing.
         culprit: who may have broken the invariant, for messages.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_nodecay import decide, param_groups

@@ -111,7 +111,7 @@ def assign_layers(
             gives an id that is not a non-negative int, or ``group_matcher()`` returns something
             timm's rule cannot order.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
         >>> model = nn.ModuleDict({"embed": nn.Linear(4, 8), "blocks": blocks, "head": nn.Linear(8, 2)})

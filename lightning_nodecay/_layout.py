@@ -31,7 +31,7 @@ class LayoutMismatchError(RuntimeError):
 class GroupLayout:
     """One param group: its name and the cleaned names of its parameters, in order.
 
-    Example:
+    Examples:
         >>> group = GroupLayout("no_decay", ("0.bias", "1.weight"))
         >>> group.name, group.params
         ('no_decay', ('0.bias', '1.weight'))
@@ -45,7 +45,7 @@ class GroupLayout:
 class Layout:
     """The param groups of one optimizer: group names and parameter names, in order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_nodecay import param_groups
@@ -80,7 +80,7 @@ def layout_of(groups: Sequence[Mapping[str, Any]], module: nn.Module) -> Layout:
     Raises:
         ValueError: a parameter appears twice (it would be updated twice per step).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Linear(2, 2)
@@ -120,7 +120,7 @@ class LayoutDiff:
         added: ``(parameter, current group)`` for parameters the checkpoint has no state for.
         dropped: ``(parameter, saved group)`` for parameters no current group holds.
 
-    Example:
+    Examples:
         >>> diff = compare_layouts(Layout((GroupLayout("decay", ("w", "b")),)), Layout((GroupLayout("decay", ("w",)),)))
         >>> bool(diff), diff.dropped
         (True, (('b', 'decay'),))
@@ -161,7 +161,7 @@ class LayoutDiff:
 def compare_layouts(saved: Layout, current: Layout) -> LayoutDiff:
     """What moved, was added or was dropped between ``saved`` and ``current``.
 
-    Example:
+    Examples:
         >>> saved = Layout((GroupLayout("decay", ("w", "b")),))
         >>> current = Layout((GroupLayout("decay", ("w",)), GroupLayout("no_decay", ("b", "new"))))
         >>> print(compare_layouts(saved, current))

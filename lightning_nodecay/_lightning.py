@@ -34,7 +34,7 @@ NAMESPACES = _namespaces()
 def _merged(path: str) -> type:
     """The class at ``path`` (e.g. ``"callbacks.Callback"``) of every namespace, merged into one class.
 
-    Example:
+    Examples:
         >>> issubclass(_merged("callbacks.Callback"), pytorch_lightning.Callback)
         True
     """

@@ -27,7 +27,7 @@ _WRAPPER_CHILDREN = frozenset({"module", "_forward_module"}) | WRAPPER_SEGMENTS
 def clean_name(name: str) -> str:
     """Remove the segments that wrappers insert into a qualified parameter name.
 
-    Example:
+    Examples:
         >>> clean_name("layers._fsdp_wrapped_module.0._orig_mod.norm.weight")
         'layers.0.norm.weight'
     """
@@ -41,7 +41,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
     Applied repeatedly, so a model gives the same names wrapped or not.
 
-    Example:
+    Examples:
         >>> inner = nn.Linear(2, 2)
         >>> wrapper = nn.Module()
         >>> wrapper.module = inner
@@ -59,7 +59,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 def param_names(module: nn.Module) -> dict[int, str]:
     """``{id(parameter): name}`` of the parameters of ``module`` (unwrapped first); tied ones by their first path.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> param_names(net)[id(net[0].bias)]
         '0.bias'
@@ -73,7 +73,7 @@ def group_name(group: Mapping[str, Any], index: int) -> str:
     Unnamed groups are numbered from 1, as Lightning's ``LearningRateMonitor`` names them (``lr-SGD/pg1``), so
     a group has the same name in logged keys, checkpoint layouts and messages.
 
-    Example:
+    Examples:
         >>> group_name({"params": []}, 0), group_name({"name": "no_decay", "params": []}, 1)
         ('pg1', 'no_decay')
     """
@@ -85,7 +85,7 @@ def optimizer_prefixes(optimizers: Sequence[Any]) -> list[str]:
 
     As ``LearningRateMonitor`` names several optimizers: the class, and a counter for repeated classes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = [torch.zeros(1, requires_grad=True)]
         >>> optimizer_prefixes([torch.optim.SGD(w, lr=1), torch.optim.SGD(w, lr=1), torch.optim.Adam(w)])
@@ -127,7 +127,7 @@ def logged_names(optimizers: Sequence[Any], who: str) -> list[list[str]]:
 def listed(names: Sequence[str], quoted: bool = False, shown: int = 4) -> str:
     """The first ``shown`` names, comma-separated (in backticks if ``quoted``), then ``...`` if there are more.
 
-    Example:
+    Examples:
         >>> listed(["a", "b", "c", "d", "e"], quoted=True, shown=2)
         '`a`, `b`, ...'
     """

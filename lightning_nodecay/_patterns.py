@@ -22,7 +22,7 @@ class NamePatterns:
       ``cls_token`` at any depth.
     * ``?`` matches one character and ``[abc]`` a character class, never a dot.
 
-    Example:
+    Examples:
         >>> patterns = NamePatterns(["bias", "encoder.*.pos_embed"])
         >>> [patterns.match(n) for n in ["fc.bias", "encoder.s1.pos_embed", "encoder.s1.x.pos_embed"]]
         ['bias', 'encoder.*.pos_embed', None]
@@ -42,7 +42,7 @@ class NamePatterns:
         that may match anything (``**``, or a character class such as ``[!x]``, which may match a
         dot) makes every ``leaf`` depend on its prefix.
 
-        Example:
+        Examples:
             >>> patterns = NamePatterns(["bias", "encoder.*.pos_embed"])
             >>> patterns.decided_by_leaf("weight"), patterns.decided_by_leaf("pos_embed")
             (True, False)

@@ -66,7 +66,7 @@ def remap_optimizer_state(
     Returns:
         A state dict that ``optimizer.load_state_dict`` accepts for ``current``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))
         >>> before = torch.optim.SGD([w, b], lr=0.1, momentum=0.9)
@@ -129,7 +129,7 @@ def with_current_decisions(saved: Mapping[str, Any], current: Mapping[str, Any])
     A changed learning-rate multiplier (another ``layer_decay`` or ``lr_multipliers``) rescales the saved ``lr``
     and ``initial_lr``: the schedule's position stays, the ratio becomes the current one (:func:`lr_scale`).
 
-    Example:
+    Examples:
         >>> saved = {"lr": 0.5, "weight_decay": 0.0, "hook_weight_decay": 0.2}
         >>> with_current_decisions(saved, {"lr": 1.0, "weight_decay": 0.1})
         {'lr': 0.5, 'weight_decay': 0.1}
@@ -152,7 +152,7 @@ def lr_scale(saved: Mapping[str, Any], current: Mapping[str, Any]) -> float:
 def scale_scheduler_state(state: Mapping[str, Any], scales: Sequence[float]) -> dict[str, Any]:
     """An LR scheduler's ``state_dict`` with the learning rates it keeps per group scaled by ``scales`` (nested too).
 
-    Example:
+    Examples:
         >>> scale_scheduler_state({"base_lrs": [0.1, 0.2], "_last_lr": [0.1, 0.2], "last_epoch": 3}, [1.0, 0.5])
         {'base_lrs': [0.1, 0.1], '_last_lr': [0.1, 0.1], 'last_epoch': 3}
     """
@@ -192,7 +192,7 @@ def remap_scheduler_state(
         sources: :func:`source_groups` of the saved and current layouts.
         saved_groups: number of groups of the saved layout.
 
-    Example:
+    Examples:
         >>> saved = {"base_lrs": [0.1, 0.2], "_last_lr": [0.05, 0.1], "last_epoch": 1}
         >>> current = {"base_lrs": [0.1, 0.1, 0.3], "_last_lr": [0.1, 0.1, 0.3], "last_epoch": 0}
         >>> remap_scheduler_state(saved, current, sources=[1, 0, None], saved_groups=2)
@@ -218,7 +218,7 @@ def per_group_lists(scheduler_state: Mapping[str, Any], groups: int) -> dict[str
         scheduler_state: the scheduler's ``state_dict()``, or ``vars(scheduler)`` to change it in place.
         groups: the number of param groups the scheduler was built for.
 
-    Example:
+    Examples:
         >>> import torch
         >>> optimizer = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.5}], lr=1)
         >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)

@@ -66,7 +66,7 @@ def split_by_decisions(
     Raises:
         ValueError: the optimizer keeps per-group lists from its construction, so a new group is unsafe.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_nodecay import decide

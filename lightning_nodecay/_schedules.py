@@ -59,7 +59,7 @@ class _Ramp:
 class CosineSchedule(_Ramp):
     """Linear warm-up, then a cosine from ``start`` to ``end``; built by :func:`cosine`, which documents it.
 
-    Example:
+    Examples:
         >>> CosineSchedule(0.04, 0.4, total_steps=10) == cosine(0.04, 0.4, 10)
         True
     """
@@ -72,7 +72,7 @@ class CosineSchedule(_Ramp):
 class LinearSchedule(_Ramp):
     """Linear warm-up, then a line from ``start`` to ``end``; built by :func:`linear`, which documents it.
 
-    Example:
+    Examples:
         >>> LinearSchedule(0.0, 0.1, total_steps=10) == linear(0.0, 0.1, 10)
         True
     """
@@ -85,7 +85,7 @@ class LinearSchedule(_Ramp):
 class ConstantSchedule:
     """Linear warm-up, then ``value`` forever; built by :func:`constant`, which documents it.
 
-    Example:
+    Examples:
         >>> ConstantSchedule(0.05) == constant(0.05)
         True
     """
@@ -133,7 +133,7 @@ def cosine(
         ValueError: a weight decay is negative or not finite, ``total_steps <= 0``, ``warmup_steps < 0`` or
             ``warmup_steps > total_steps``.
 
-    Example:
+    Examples:
         DINO's weight decay, rising from 0.04 to 0.4 over 4 steps, with a 2-step warm-up from 0 added:
 
         >>> wd = cosine(0.04, 0.4, total_steps=4)
@@ -171,7 +171,7 @@ def linear(
         ValueError: a weight decay is negative or not finite, ``total_steps <= 0``, ``warmup_steps < 0`` or
             ``warmup_steps > total_steps``.
 
-    Example:
+    Examples:
         >>> wd = linear(0.0, 0.1, total_steps=4)
         >>> [round(wd(step), 4) for step in range(6)]
         [0.0, 0.025, 0.05, 0.075, 0.1, 0.1]
@@ -197,7 +197,7 @@ def constant(value: float, warmup_steps: int = 0, warmup_start: float = 0.0) -> 
         TypeError: a weight decay is not a float, or ``warmup_steps`` not an int.
         ValueError: a weight decay is negative or not finite, or ``warmup_steps < 0``.
 
-    Example:
+    Examples:
         >>> wd = constant(0.05, warmup_steps=3)
         >>> [round(wd(step), 4) for step in range(5)]
         [0.0, 0.025, 0.05, 0.05, 0.05]
@@ -224,7 +224,7 @@ def as_schedule(spec: ScheduleSpec, name: str = "spec") -> Schedule:
         TypeError: ``spec`` is none of the above.
         ValueError: ``spec`` is a float that is negative or not finite.
 
-    Example:
+    Examples:
         >>> as_schedule(0.05)(1000)
         0.05
         >>> as_schedule(lambda step: 0.1 / (1 + step))(4)

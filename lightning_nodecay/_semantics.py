@@ -57,7 +57,7 @@ _OWN_DECAY: dict[type[Optimizer], tuple[str, ...]] = {ASGD: ("lambd",)}
 def own_decay_keys(optimizer: Optimizer) -> tuple[str, ...]:
     """The group options through which ``optimizer`` decays parameters on its own (ASGD's ``lambd``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> own_decay_keys(torch.optim.ASGD([torch.zeros(1, requires_grad=True)])), own_decay_keys(
         ...     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
@@ -69,7 +69,7 @@ def own_decay_keys(optimizer: Optimizer) -> tuple[str, ...]:
 def exclude_own_decay(optimizer: Optimizer) -> None:
     """Set the optimizer's own decay options (ASGD's ``lambd``) to 0 in groups excluded from weight decay.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
         >>> optimizer = torch.optim.ASGD([{"params": [w]}, {"params": [b], "weight_decay_multiplier": 0.0}])
@@ -89,7 +89,7 @@ def accepts_weight_decay(optimizer: Optimizer) -> bool:
     Some optimizers (``pytorch_optimizer``'s Muon family) take ``weight_decay`` and apply it per group without
     listing it in ``defaults``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> accepts_weight_decay(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
         True
@@ -110,7 +110,7 @@ def base_option(
     Its default, else the value it filled into a group given without one whose multiplier (``multiplier_key``)
     is not 0; ``None`` when neither tells.
 
-    Example:
+    Examples:
         >>> import torch
         >>> groups = [{"params": [torch.zeros(1, requires_grad=True)]}]
         >>> base_option(torch.optim.AdamW(groups, weight_decay=0.05), groups, "weight_decay", "weight_decay_multiplier")

@@ -21,7 +21,7 @@ def fsdp_shard_group(module: nn.Module) -> Any:
     :func:`group_norms` recognises on its own. Pass the result on as
     ``group_norms(..., sharded=group is not None, process_group=group)``.
 
-    Example:
+    Examples:
         >>> fsdp_shard_group(nn.Linear(2, 2)) is None
         True
     """

@@ -70,7 +70,7 @@ def unfreeze_and_add_param_groups(
         ValueError: ``optimizer`` has no ``weight_decay`` option, a parameter is not part of
             ``pl_module``, or an explicit ``name`` is already used by a group.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_nodecay import param_groups
@@ -205,7 +205,7 @@ class NoDecayFinetuning(BaseFinetuning):
     parameters frozen (``freeze_before_training`` froze them again in ``setup``); this callback
     unfreezes them, so training after the resume updates them as before.
 
-    Example:
+    Examples:
         >>> class UnfreezeEncoder(NoDecayFinetuning):
         ...     def freeze_before_training(self, pl_module):
         ...         self.freeze(pl_module.encoder)
@@ -256,7 +256,7 @@ class NoDecayBackboneFinetuning(NoDecayFinetuning, BackboneFinetuning):
     ``backbone_decay`` / ``backbone_no_decay`` (and multiplier groups), all following the backbone
     learning rate.
 
-    Example:
+    Examples:
         >>> from lightning_nodecay import NoDecayBackboneFinetuning
         >>> callback = NoDecayBackboneFinetuning(unfreeze_backbone_at_epoch=5, train_bn=True)
     """

@@ -63,7 +63,7 @@ class DecayDecision:
         reference: its reference from a reference state dict, else ``None`` (the hook then copies the
             parameter when it is attached, or when the parameter's group is added).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> decision = decide(nn.Linear(2, 2))[1]
         >>> decision.name, decision.multiplier, decision.group
@@ -104,7 +104,7 @@ def decided_group_name(
     one layer with different learning rates (an ``lr_multipliers`` rule inside a layer) get ``_lr_x{m}`` too,
     from :func:`groups_from_decisions`.
 
-    Example:
+    Examples:
         >>> [decided_group_name(m) for m in (1.0, 0.0, 2.0, 0.1, 0.12345678)]
         ['decay', 'no_decay', 'decay_x2', 'decay_x0.1', 'decay_x0.12345678']
         >>> decided_group_name(2.0, "l1"), decided_group_name(1.0, lr_multiplier=10.0)
@@ -149,7 +149,7 @@ def decide(module: nn.Module, rules: GroupRules | None = None) -> list[DecayDeci
         ValueError: a declared pattern that matches no parameter (with ``rules.strict``), or an FSDP
             flat parameter.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
         >>> [(d.name, d.multiplier, d.reason) for d in decide(net)]  # doctest: +NORMALIZE_WHITESPACE
@@ -388,7 +388,7 @@ def param_groups(
         ValueError: a pattern matching nothing (with ``strict``), an FSDP flat parameter, or
             multipliers without ``weight_decay``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4))

@@ -117,7 +117,7 @@ def attach_weight_decay_hook(
             group; an optimizer that already has a hook; a gradient that is part of an autograd graph
             (``create_graph=True``) reaching a hooked group at a step (``RuntimeError``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Linear(3, 2, bias=False)
@@ -154,7 +154,7 @@ class WeightDecayHook:
     Attributes:
         names: ``{parameter: name}`` of the masked parameters and of those with a reference.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Linear(2, 2, bias=False)
@@ -193,7 +193,7 @@ class WeightDecayHook:
     def of(optimizer: Optimizer) -> WeightDecayHook | None:
         """The hook attached to ``optimizer``, or ``None``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> weight = torch.nn.Parameter(torch.ones(2, 2))
             >>> optimizer = torch.optim.SGD([weight], lr=0.1, weight_decay=0.1)

@@ -107,7 +107,7 @@ class NoDecayMixin:
         on_layout_change: what to do when resuming with param groups that differ from the
             checkpoint's: ``"remap"`` the optimizer state by parameter name, or raise (``"error"``).
 
-    Example:
+    Examples:
         >>> import functools, torch
         >>> import pytorch_lightning as pl
         >>> from torch import nn

@@ -87,7 +87,7 @@ class WeightNormMonitor(Callback):
         ValueError: on a bad ``norm_type``, ``log_rms`` with another norm, a Trainer without logger, or
             param groups of one optimizer sharing a name.
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> monitor = WeightNormMonitor(norm_type=2, log_rms=True, log_update_ratio=True)
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=pl.loggers.CSVLogger("logs"), log_every_n_steps=50)

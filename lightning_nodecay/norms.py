@@ -59,7 +59,7 @@ class GroupNorms(NamedTuple):
         numels: int64 tensor of shape ``(len(groups),)``, the number of elements of each group across all
             ranks, or ``None`` for the infinity norm (its max-reduction cannot count elements).
 
-    Example:
+    Examples:
         >>> result = group_norms([[torch.tensor([3.0, 4.0])], []])
         >>> result.norms.tolist(), result.total.item(), result.numels.tolist()
         ([5.0, 0.0], 5.0, [2, 0])
@@ -73,7 +73,7 @@ class GroupNorms(NamedTuple):
 def check_norm_type(norm_type: float | str) -> float:
     """``norm_type`` as a float (``math.inf`` for ``"inf"``), or a clear error when it is not a positive number.
 
-    Example:
+    Examples:
         >>> check_norm_type(2), check_norm_type("inf")
         (2.0, inf)
     """
@@ -103,7 +103,7 @@ def group_norms(
     Returns:
         The per-group norms, the total norm and the per-group element counts, see :class:`GroupNorms`.
 
-    Example:
+    Examples:
         >>> result = group_norms([[torch.full((2, 2), 3.0)], [torch.tensor([3.0]), torch.tensor([4.0])]])
         >>> result.norms.tolist(), round(result.total.item(), 4), result.numels.tolist()
         ([6.0, 5.0], 7.8102, [4, 2])
@@ -145,7 +145,7 @@ def roots(stats: Sequence[float], p: float) -> tuple[list[float], float]:
 
     The float form of :meth:`NormStats.norms`, for a caller that fetches all its statistics in one device sync.
 
-    Example:
+    Examples:
         >>> roots([9.0, 16.0], 2.0)
         ([3.0, 4.0], 5.0)
     """
@@ -195,7 +195,7 @@ class NormPlan:
         size: the number of groups.
         reduce: whether anything is sharded, so that :func:`reduce_stats` must run a collective.
 
-    Example:
+    Examples:
         >>> weights = [torch.tensor([3.0, 4.0])]
         >>> plan = NormPlan([weights])
         >>> before = plan.snapshot()
@@ -308,7 +308,7 @@ class PlanCache:
         sharded: the plain tensors are this rank's shards (FSDP1), as for :func:`group_norms`.
         process_group: the group the plans' statistics are reduced over when anything is sharded.
 
-    Example:
+    Examples:
         >>> weights = [torch.ones(2)]
         >>> cache = PlanCache()
         >>> plan = cache.plan(0, [weights])

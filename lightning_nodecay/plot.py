@@ -55,7 +55,7 @@ def plot_weight_norms(
         ValueError: when the file holds no weight norms, several norms and ``norm_type`` is not given, or no
             ``weight_decay/{group}`` columns with ``weight_decay=True``.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> metrics = folder / "metrics.csv"

@@ -59,7 +59,7 @@ def norm_by_class_name(module: nn.Module) -> bool:
     Only the parameters registered directly on such a module are excluded, never those of its
     children. Remove this predicate from ``no_decay_module_types`` to switch the rule off.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> class LlamaRMSNorm(nn.Module): ...
         >>> class Normalize(nn.Module): ...
@@ -145,7 +145,7 @@ class GroupRules:
         TypeError: a rule of the wrong type, naming it and the fix.
         ValueError: a malformed pattern, a negative or infinite multiplier, an import path that does not resolve.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> rules = GroupRules(
         ...     no_decay_module_types=DEFAULT_NO_DECAY_MODULE_TYPES + ("torch.nn.Embedding",),

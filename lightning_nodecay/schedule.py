@@ -74,7 +74,7 @@ class WeightDecayScheduler(Callback):
         ValueError: an unknown ``schedule`` or ``interval``, a missing ``end``, a schedule without a length, or a
             bad value (named; a callable's negative value with its step).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_nodecay import param_groups

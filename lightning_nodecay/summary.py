@@ -35,7 +35,7 @@ class GroupSummary:
         lr: the group's learning rate, when the summary describes an optimizer's groups.
         toward: ``"zero"``, or ``"initial"`` for a group decayed toward its reference (shown as ``to init``).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_nodecay.groups import decide
         >>> [(g.name, g.multiplier, g.tensors, g.elements) for g in summarize(decide(nn.Linear(4, 2))).groups]
@@ -65,7 +65,7 @@ class DecaySummary:
         rules_groups: the names of the groups the rules give, when the summarized optimizer's groups differ
             from them (a custom ``configure_param_groups``, an optimizer built elsewhere); empty otherwise.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_nodecay.groups import decide
         >>> summarize(decide(nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2)))).reasons
@@ -130,7 +130,7 @@ def summarize(
         groups: an optimizer's ``param_groups``: then the rows are these groups as they really are, with
             their effective weight decay, and the summary says when they differ from the rules' groups.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_nodecay.groups import decide
         >>> print(summarize(decide(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))))
