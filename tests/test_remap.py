@@ -140,7 +140,7 @@ def test_remap_moves_masks_and_references_with_their_parameters():
     masks = {"0.weight": torch.full((4, 1), 2.0), "1.weight": torch.full((4, 1), 3.0)}
     attach_weight_decay_hook(before, masks, module=net, decisions=decide(net, rules))
     references = {name: 10.0 * i + torch.zeros(4, 4) for i, name in enumerate(masks)}
-    for (name, reference), param in zip(references.items(), net.parameters(), strict=True):
+    for reference, param in zip(references.values(), net.parameters(), strict=True):
         WeightDecayHook.of(before).references[param].copy_(reference)
     saved = before.state_dict()
     # the current run puts `1.weight` first, in a group of its own
