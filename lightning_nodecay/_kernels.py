@@ -65,23 +65,23 @@ def _decoupled_l1(
 ) -> None:
     """Proximal step of ``value * mask * |p - p0|``: move each offset toward 0 by the threshold, stopping at 0.
 
-    Soft-thresholding as ``offset - clamp(offset, -t, t)``: exactly 0 inside the threshold, so weights land exactly
-    on 0 (or their reference), in 3 passes over memory toward zero, 6 toward references.
+    Soft-thresholding as ``offset - clamp(offset, -t, t)``, exactly 0 inside the threshold, so weights land exactly
+    on 0 (or on their reference); one temporary buffer.
     """
-    offsets = params if refs is None else torch._foreach_sub(params, refs)
+    steps = torch._foreach_sub(params, refs) if refs is not None else torch._foreach_mul(params, 1.0)
     if masks is None:
-        steps = torch._foreach_clamp_min(offsets, -value)
+        torch._foreach_clamp_min_(steps, -value)
         torch._foreach_clamp_max_(steps, value)
     else:
         bounds = torch._foreach_mul(masks, value)
-        steps = torch._foreach_clamp_min(offsets, torch._foreach_neg(bounds))
-        torch._foreach_clamp_max_(steps, bounds)
+        torch._foreach_maximum_(steps, torch._foreach_neg(bounds))
+        torch._foreach_minimum_(steps, bounds)
     if refs is None:
         torch._foreach_sub_(params, steps)
-    else:  # p = p0 + the shrunk offset
-        torch._foreach_sub_(offsets, steps)
-        torch._foreach_add_(offsets, refs)
-        torch._foreach_copy_(params, offsets)
+    else:  # p = p0 + (offset - step): the same offset as above, so exactly p0 inside the threshold
+        torch._foreach_sub_(params, refs)
+        torch._foreach_sub_(params, steps)
+        torch._foreach_add_(params, refs)
 
 
 def _sign_(tensors: TensorList) -> TensorList:
