@@ -509,3 +509,28 @@ def test_weight_decay_schedule_drives_the_pull_toward_the_reference(tmp_path):
     assert [s["decay_to_init"] for s in recorder.steps] == pytest.approx(bases)
     assert [s["decay_x0.5"] for s in recorder.steps] == pytest.approx([0.5 * b for b in bases])
     assert [s["no_decay"] for s in recorder.steps] == [0.0] * 4
+
+
+class HandBuiltOptimizer(L2SPNet):
+    """`L2SPNet` whose `configure_optimizers` ignores the rules: one AdamW group of every parameter."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.5)
+
+
+def test_optimizer_built_elsewhere_gets_the_reference_group_and_the_hook(tmp_path):
+    """Test that an optimizer built without the rules (a hand-written `configure_optimizers`, LightningCLI's
+    `--optimizer`) is split by the safety net into a reference group that the step hook takes over at fit start,
+    with the weights at fit start as references, and then trains as the mixin's own groups would."""
+    model, reference = HandBuiltOptimizer(), L2SPNet(functools.partial(torch.optim.AdamW, lr=0.05, weight_decay=0.5))
+    initial = model.backbone[0].weight.detach().clone()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "a", max_steps=4))
+    trainer.fit(model)
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", max_steps=4)).fit(reference)
+    optimizer = trainer.optimizers[0]
+    groups = {g["name"]: (g["weight_decay"], g.get("hook_weight_decay")) for g in optimizer.param_groups}
+    assert groups["decay_to_init"] == (0.0, 0.5)
+    assert groups["decay_x0.5"] == (pytest.approx(0.25), None)
+    assert torch.equal(WeightDecayHook.of(optimizer).references[model.backbone[0].weight], initial)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
