@@ -66,21 +66,19 @@ def _decoupled_l1(
     """Proximal step of ``value * mask * |p - p0|``: move each offset toward 0 by the threshold, stopping at 0.
 
     Soft-thresholding as ``offset - clamp(offset, -t, t)``, exactly 0 inside the threshold, so weights land exactly
-    on 0 (or on their reference); one temporary buffer.
+    on 0 (or on their reference); the offsets are taken in place, with one temporary buffer for the clamped ones.
     """
-    steps = torch._foreach_sub(params, refs) if refs is not None else torch._foreach_mul(params, 1.0)
+    if refs is not None:
+        torch._foreach_sub_(params, refs)  # the offsets, in place
     if masks is None:
-        torch._foreach_clamp_min_(steps, -value)
+        steps = torch._foreach_clamp_min(params, -value)
         torch._foreach_clamp_max_(steps, value)
     else:
         bounds = torch._foreach_mul(masks, value)
-        torch._foreach_maximum_(steps, torch._foreach_neg(bounds))
+        steps = torch._foreach_maximum(params, torch._foreach_neg(bounds))
         torch._foreach_minimum_(steps, bounds)
-    if refs is None:
-        torch._foreach_sub_(params, steps)
-    else:  # p = p0 + (offset - step): the same offset as above, so exactly p0 inside the threshold
-        torch._foreach_sub_(params, refs)
-        torch._foreach_sub_(params, steps)
+    torch._foreach_sub_(params, steps)
+    if refs is not None:  # p = p0 + the shrunk offset: exactly p0 inside the threshold
         torch._foreach_add_(params, refs)
 
 
