@@ -346,10 +346,9 @@ class WeightDecayHook:
         positions = _positions(optimizer)
         for key, what in ((MASKS_STATE, "masks"), (REFERENCES_STATE, "references")):
             saved = pending.get(key)
-            if saved is None:
-                saved = {} if what == "references" else None  # a run without references saved none
-            if saved is None:
+            if saved is None and what == "masks":  # a state without masks: the declared ones stay, silently
                 continue
+            saved = saved or {}  # without references: each parameter that has one is named in a warning
             used = set()
             for hooked in self._groups:
                 for batch in hooked.batches:
