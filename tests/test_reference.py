@@ -534,3 +534,30 @@ def test_optimizer_built_elsewhere_gets_the_reference_group_and_the_hook(tmp_pat
     assert torch.equal(WeightDecayHook.of(optimizer).references[model.backbone[0].weight], initial)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_l1_proximal_step_lands_exactly_on_the_reference(masked):
+    """Test that the decoupled (AdamW) L1 step toward a reference puts every weight whose offset is within the threshold
+    exactly on its reference (not within rounding of it), and moves the others by exactly the threshold's worth."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 32))
+    reference = weight.detach() + 1e-3 * torch.randn(64, 32)  # offsets around 1e-3
+    mask = torch.rand(64, 1) + 0.5 if masked else torch.ones(64, 1)
+    model = nn.Module()
+    model.weight = weight
+    rules = GroupRules(weight_decay_toward={"weight": reference}, weight_decay_l1=("weight",))
+    optimizer = torch.optim.AdamW(param_groups(model, rules), lr=1.0, weight_decay=1e-3)  # threshold lr * wd * mask
+    attach_weight_decay_hook(
+        optimizer, {"weight": mask} if masked else None, module=model, decisions=decide(model, rules)
+    )
+    offset = (weight - reference).detach()
+    inside = offset.abs() <= 1e-3 * mask
+    assert 0 < int(inside.sum()) < inside.numel()
+    weight.grad = torch.zeros_like(weight)
+    optimizer.step()
+    assert torch.equal(weight.detach()[inside], reference[inside])
+    shrunk = (offset - (offset.sign() * 1e-3 * mask))[~inside]
+    torch.testing.assert_close(
+        weight.detach()[~inside] - reference[~inside], shrunk, rtol=0, atol=1e-6
+    )  # float32 of ~1
