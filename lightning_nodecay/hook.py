@@ -141,9 +141,7 @@ def attach_weight_decay_hook(
         )
     names = HookNames(optimizer, module, decisions)
     resolved = {id(param): (param, check_mask(names.of(param), param, mask)) for param, mask in names.resolve(masks)}
-    given: dict[int, tuple[Tensor, Tensor]] = {
-        id(d.param): (d.param, d.reference) for d in names.decisions if d.reference is not None
-    }
+    given = _explicit_references(names)
     given.update({id(param): (param, ref) for param, ref in names.resolve(references, "reference")})
     return WeightDecayHook(optimizer, _plan(optimizer, resolved, given, names, decay_style), names, decay_style)
 
@@ -257,10 +255,7 @@ class WeightDecayHook:
         if optimizer is None:
             return []
         names = HookNames(optimizer, module, decisions)
-        given: dict[int, tuple[Tensor, Tensor]] = {
-            id(d.param): (d.param, d.reference) for d in names.decisions if d.reference is not None
-        }
-        added = _plan(optimizer, {}, given, names, self._declared, start=self._known)
+        added = _plan(optimizer, {}, _explicit_references(names), names, self._declared, start=self._known)
         self._known = len(optimizer.param_groups)
         for hooked in added:
             hooked.convert(optimizer.param_groups[hooked.index])
@@ -446,6 +441,11 @@ class _HookedGroup:
     def referenced(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.batches:
             yield from batch.referenced()
+
+
+def _explicit_references(names: HookNames) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{id(param): (param, reference)}`` of the decisions that carry a reference (a reference state dict)."""
+    return {id(d.param): (d.param, d.reference) for d in names.decisions if d.reference is not None}
 
 
 def _plan(
