@@ -36,6 +36,13 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     return kwargs
 
 
+def ddp_trainer(out, callbacks: list) -> pl.Trainer:
+    """A 2-process DDP Trainer on CPU for the test scripts: 3 steps, logging every step to ``out/csv/version_0``."""
+    logger = pl.loggers.CSVLogger(out, name="csv", version=0)
+    kwargs = trainer_kwargs(out, strategy="ddp", devices=2, max_steps=3, log_every_n_steps=1, logger=logger)
+    return pl.Trainer(**kwargs, callbacks=callbacks)
+
+
 def run_cli(model_class: type, tmp_path, *args: str, max_steps: int = 2) -> Any:
     """``LightningCLI(model_class)`` running ``fit`` with the Trainer of :func:`trainer_kwargs` and ``args``.
 

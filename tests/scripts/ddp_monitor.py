@@ -12,12 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared models and fits
 
-from fits import trainer_kwargs
+from fits import ddp_trainer
 from models import NoDecayBoringModel
 
 from lightning_nodecay import WeightNormMonitor
@@ -30,17 +29,7 @@ class HandWrittenOptimizer(NoDecayBoringModel):
 
 def main(out: Path) -> None:
     model = HandWrittenOptimizer()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            out,
-            strategy="ddp",
-            devices=2,
-            max_steps=3,
-            log_every_n_steps=1,
-            logger=pl.loggers.CSVLogger(out, name="csv", version=0),
-        ),
-        callbacks=[WeightNormMonitor(log_grad_norm=True)],
-    )
+    trainer = ddp_trainer(out, [WeightNormMonitor(log_grad_norm=True)])
     trainer.fit(model)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save(weights, out / f"final_rank{trainer.global_rank}.pt")

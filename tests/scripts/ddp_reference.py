@@ -10,12 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared models and fits
 
-from fits import trainer_kwargs
+from fits import ddp_trainer
 from test_reference import L2SPNet
 
 from lightning_nodecay import WeightDecayHook, WeightNormMonitor
@@ -24,17 +23,7 @@ from lightning_nodecay import WeightDecayHook, WeightNormMonitor
 def main(out: Path) -> None:
     model = L2SPNet()
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            out,
-            strategy="ddp",
-            devices=2,
-            max_steps=3,
-            log_every_n_steps=1,
-            logger=pl.loggers.CSVLogger(out, name="csv", version=0),
-        ),
-        callbacks=[WeightNormMonitor()],
-    )
+    trainer = ddp_trainer(out, [WeightNormMonitor()])
     trainer.fit(model)
     names = {id(p): name for name, p in model.named_parameters()}
     hook = WeightDecayHook.of(trainer.optimizers[0])
