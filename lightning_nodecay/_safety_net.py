@@ -88,8 +88,9 @@ def split_by_decisions(
         own = _own_kind(optimizer, group, [d for _, d in decided])
         moving: dict[_Kind, list[nn.Parameter]] = {}
         for param, d in decided:
-            kind = (d.multiplier, d.penalty, d.lr_multiplier, d.toward if decayed else own[3])
-            kind = kind if decayed else (*own[:2], *kind[2:])
+            # an undecayed group keeps its own decay: only the learning rate can move a parameter out of it
+            multiplier, penalty, toward = (d.multiplier, d.penalty, d.toward) if decayed else (own[0], own[1], own[3])
+            kind = (multiplier, penalty, d.lr_multiplier, toward)
             if kind != own:
                 moving.setdefault(kind, []).append(param)
         if moving:
